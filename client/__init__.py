@@ -1,0 +1,1 @@
+"""leanfed Flower ClientApp side: thin app, local DST trainer, data streams."""

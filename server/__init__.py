@@ -1,0 +1,1 @@
+"""leanfed Flower ServerApp side: thin app, validated run config, run store."""

@@ -1,0 +1,1 @@
+"""Simulations: partitions, scenarios, the `leanfed` CLI and benchmarks."""

@@ -1,0 +1,13 @@
+"""The `leanfed` command line (typer): benchmarks, simulations, runs and reports."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="leanfed: federated DST on Flower.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write DIR/results.json.")
+app.add_typer(bench_app, name="bench")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,1 @@
+"""leanfed algorithms: sparse training, continual learning, aggregation, wire codec."""

@@ -1,0 +1,1 @@
+"""Sparse aggregation: pure merge rules and Flower strategy classes."""

@@ -1,0 +1,1 @@
+"""Continual learning: drift-triggered regrowth, weight protection, replay, CL metrics."""

@@ -1,0 +1,1 @@
+"""Dynamic Sparse Training engine: masks, densities, scores, prune/grow, schedules, FLOPs."""

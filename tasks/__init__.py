@@ -1,0 +1,1 @@
+"""Reference tasks (models, dataset registry) shared by client and server, hence their own package."""

@@ -1,0 +1,13 @@
+"""Shared pytest setup: Flower environment isolation for every test session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Flower must never phone home, check for updates or pip-install at run time in tests.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+if "FLWR_HOME" not in os.environ:
+    os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="leanfed-flwr-home-")
