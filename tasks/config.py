@@ -1,0 +1,163 @@
+"""The frozen, validated run config; in tasks/ because the ServerApp and the ClientApp both parse it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+RULES = ("dense", "static", "set", "rigl", "gmp")
+STRATEGIES = ("sparse", "flower-fedavg")
+PARTITIONS = ("iid", "dirichlet", "shards")
+VALUE_DTYPES = ("fp32", "fp16", "int8")
+DISTRIBUTIONS = ("erk", "uniform")
+OPTIMIZERS = ("sgd", "adam")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class LeanfedConfig:
+    """Every knob of a run. Field names map to run-config keys: ``dst_rule`` <-> ``dst.rule``,
+    ``num_server_rounds`` <-> ``num-server-rounds`` (first ``_`` after a known section is a dot)."""
+
+    num_server_rounds: int = 3
+    seed: int = 0
+    strategy: str = "sparse"
+    # sampling
+    fraction_train: float = 0.5
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 0.0
+    # data
+    dataset: str = "mnist5k"
+    model: str = "cnn"
+    partition: str = "dirichlet"
+    partition_alpha: float = 0.5
+    partition_shards: int = 2
+    num_partitions: int = 10
+    # local training
+    local_steps: int = 20
+    local_batch_size: int = 32
+    local_lr: float = 0.05
+    local_optimizer: str = "sgd"
+    local_momentum: float = 0.9
+    local_weight_decay: float = 5e-4
+    # dynamic sparse training
+    dst_rule: str = "rigl"
+    dst_density: float = 0.1
+    dst_distribution: str = "erk"
+    dst_drop_fraction: float = 0.3
+    dst_update_interval: int = 10
+    dst_mask_round_interval: int = 1  # FedDST's ΔR: clients readjust masks every ΔR rounds
+    dst_end_round_fraction: float = 0.8  # no mask readjustment in the last rounds
+    # wire codec
+    codec_upload_dtype: str = "fp32"
+    codec_download_dtype: str = "fp32"
+    # aggregation
+    aggregation_rule: str = "mean"
+    aggregation_trim: float = 0.2
+    aggregation_max_density_tolerance: float = 0.05
+    # continual learning
+    cl_scenario: str = "none"
+    cl_drift_detector: str = "adwin"
+    cl_replay_capacity: int = 0
+
+    # ---------------------------------------------------------------------------------
+    @staticmethod
+    def key_of(field_name: str) -> str:
+        head, _, rest = field_name.partition("_")
+        if head in _SECTIONS and rest:
+            return f"{head}.{rest.replace('_', '-')}"
+        return field_name.replace("_", "-")
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> LeanfedConfig:
+        """Parse Flower's flat run config (dotted keys), check every value, fail before round 1."""
+        by_key = {cls.key_of(f.name): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(by_key)}")
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            f = by_key[key]
+            values[f.name] = _coerce(key, raw, f.type)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_run_config(self) -> dict[str, bool | float | int | str]:
+        return {self.key_of(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> LeanfedConfig:
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key} = {getattr(self, key.replace('.', '_').replace('-', '_'))!r}: {what}")
+
+        need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        need(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
+        need(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
+        need(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
+        need(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
+        need(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}")
+        need(self.partition_alpha > 0, "partition.alpha", "must be > 0")
+        need(self.partition_shards >= 1, "partition.shards", "must be >= 1")
+        need(self.num_partitions >= 1, "num-partitions", "must be >= 1")
+        need(self.local_steps >= 1, "local.steps", "must be >= 1")
+        need(self.local_batch_size >= 1, "local.batch-size", "must be >= 1")
+        need(self.local_lr > 0, "local.lr", "must be > 0")
+        need(self.local_optimizer in OPTIMIZERS, "local.optimizer", f"must be one of {OPTIMIZERS}")
+        need(0.0 <= self.local_momentum < 1.0, "local.momentum", "must be in [0, 1)")
+        need(self.local_weight_decay >= 0, "local.weight-decay", "must be >= 0")
+        need(self.dst_rule in RULES, "dst.rule", f"must be one of {RULES}")
+        need(0.0 < self.dst_density <= 1.0, "dst.density", "must be in (0, 1]")
+        need(self.dst_distribution in DISTRIBUTIONS, "dst.distribution", f"one of {DISTRIBUTIONS}")
+        need(0.0 <= self.dst_drop_fraction < 1.0, "dst.drop-fraction", "must be in [0, 1)")
+        need(self.dst_update_interval >= 1, "dst.update-interval", "must be >= 1")
+        need(self.dst_mask_round_interval >= 1, "dst.mask-round-interval", "must be >= 1")
+        need(0.0 < self.dst_end_round_fraction <= 1.0, "dst.end-round-fraction", "in (0, 1]")
+        need(self.codec_upload_dtype in VALUE_DTYPES, "codec.upload-dtype", f"one of {VALUE_DTYPES}")
+        need(
+            self.codec_download_dtype in VALUE_DTYPES, "codec.download-dtype", f"one of {VALUE_DTYPES}"
+        )
+        need(0.0 <= self.aggregation_trim < 0.5, "aggregation.trim", "must be in [0, 0.5)")
+        need(
+            self.aggregation_max_density_tolerance >= 0,
+            "aggregation.max-density-tolerance",
+            "must be >= 0",
+        )
+        need(self.cl_replay_capacity >= 0, "cl.replay-capacity", "must be >= 0")
+        if self.strategy == "flower-fedavg" and self.dst_rule != "dense":
+            raise ConfigError("strategy = 'flower-fedavg' is the dense baseline: set dst.rule = 'dense'")
+
+
+_SECTIONS = ("partition", "local", "dst", "codec", "aggregation", "cl")
+
+
+def _coerce(key: str, raw: Any, typ: Any) -> Any:
+    name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    if name == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+            raise ConfigError(f"{key} = {raw!r}: expected an integer")
+        return raw
+    if name == "float":
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{key} = {raw!r}: expected a number")
+        return float(raw)
+    if name == "str":
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key} = {raw!r}: expected a string")
+        return raw
+    if name == "bool":
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{key} = {raw!r}: expected true or false")
+        return raw
+    raise ConfigError(f"{key}: unsupported field type {name}")  # pragma: no cover
