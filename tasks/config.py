@@ -33,7 +33,7 @@ class LeanfedConfig:
     # data
     dataset: str = "mnist5k"
     model: str = "cnn"
-    partition: str = "dirichlet"
+    partition_scheme: str = "dirichlet"
     partition_alpha: float = 0.5
     partition_shards: int = 2
     num_partitions: int = 10
@@ -105,7 +105,7 @@ class LeanfedConfig:
         need(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
         need(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
         need(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
-        need(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}")
+        need(self.partition_scheme in PARTITIONS, "partition.scheme", f"must be one of {PARTITIONS}")
         need(self.partition_alpha > 0, "partition.alpha", "must be > 0")
         need(self.partition_shards >= 1, "partition.shards", "must be >= 1")
         need(self.num_partitions >= 1, "num-partitions", "must be >= 1")
