@@ -1,0 +1,40 @@
+"""The run store: SQLAlchemy models, Alembic-managed schema and the RunStore API."""
+
+from server.store.errors import (
+    CheckpointCorruptError,
+    RunNotFoundError,
+    SchemaTooNewError,
+    SecretInConfigError,
+    StoreError,
+)
+from server.store.redaction import find_secrets, redact_secrets
+from server.store.schema import head_revision, upgrade
+from server.store.store import (
+    ClientResultInfo,
+    EventInfo,
+    RoundInfo,
+    RunInfo,
+    RunStore,
+    StoredMask,
+)
+from server.store.urls import ENV_VAR, resolve_db_url
+
+__all__ = [
+    "ENV_VAR",
+    "CheckpointCorruptError",
+    "ClientResultInfo",
+    "EventInfo",
+    "RoundInfo",
+    "RunInfo",
+    "RunNotFoundError",
+    "RunStore",
+    "SchemaTooNewError",
+    "SecretInConfigError",
+    "StoreError",
+    "StoredMask",
+    "find_secrets",
+    "head_revision",
+    "redact_secrets",
+    "resolve_db_url",
+    "upgrade",
+]

@@ -1,0 +1,146 @@
+"""`leanfed runs list|show` and `leanfed report`: read the run store from the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from server.store import RunStore, StoreError, resolve_db_url
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Database URL (sqlite:///FILE or postgresql://USER@HOST:PORT/DB) or a SQLite file; "
+        "default $LEANFED_DB_URL, else ./leanfed.db.",
+        show_default=False,
+    ),
+]
+RunIdArg = Annotated[str, typer.Argument(help="Run id, or a unique prefix of at least 4 chars.")]
+
+ID_SHOWN = 12  # hex chars of the run id shown by `runs list` (48 bits: unique in practice)
+
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect stored runs.")
+
+
+@contextmanager
+def _open(db: str | None) -> Iterator[RunStore]:
+    """Open the store for a read command; StoreError -> one red line on stderr, exit code 1."""
+    try:
+        store = RunStore(resolve_db_url(db), must_exist=True)
+    except StoreError as exc:
+        _fail(str(exc))
+    try:
+        yield store
+    except StoreError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+
+
+def _fail(message: str) -> NoReturn:
+    # soft_wrap: one line whatever the terminal width, so it greps and copies cleanly.
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=1)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@runs_app.command("list")
+def list_runs(db: DbOption = None) -> None:
+    """Table of stored runs, newest first."""
+    with _open(db) as store:
+        runs = store.list_runs()
+    console = Console()
+    if not runs:
+        console.print("no runs stored")
+        return
+    table = Table(
+        title=f"runs in {store.url}",
+        caption="ids are shortened; any unique prefix of 4+ characters works in show/report",
+    )
+    table.add_column("id", no_wrap=True)
+    table.add_column("name", min_width=8)
+    table.add_column("status", min_width=9)
+    table.add_column("rounds", justify="right")
+    table.add_column("final accuracy", justify="right")
+    table.add_column("created", no_wrap=True)
+    for r in runs:
+        table.add_row(
+            r.id[:ID_SHOWN],
+            r.name,
+            r.status,
+            str(r.num_rounds),
+            _fmt(r.final_accuracy),
+            r.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+def show_run(run_id: RunIdArg, db: DbOption = None) -> None:
+    """Status, rounds, final metrics and the SHA-256 of the final global checkpoint."""
+    with _open(db) as store:
+        full_id = store.resolve_run_id(run_id)
+        run = store.get_run(full_id)
+        rounds = store.get_rounds(full_id)
+        # Load (and so verify) the final checkpoint: a corrupt blob fails here, loudly.
+        ckpt = store.latest_checkpoint(full_id)
+        sha = store.checkpoint_sha256(full_id)
+    console = Console(highlight=False)
+    table = Table(show_header=False, title=f"run {run.id}")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")  # fold, never truncate, the SHA-256
+    table.add_row("name", run.name)
+    table.add_row("status", run.status)
+    table.add_row("seed", str(run.seed))
+    table.add_row("code version", run.code_version)
+    table.add_row("created", run.created_at.isoformat(timespec="seconds"))
+    table.add_row(
+        "finished", run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
+    )
+    table.add_row("rounds", str(len(rounds)))
+    table.add_row("uploaded bytes", str(sum(r.upload_bytes for r in rounds)))
+    table.add_row("downloaded bytes", str(sum(r.download_bytes for r in rounds)))
+    if rounds:
+        for key, value in sorted(rounds[-1].metrics.items()):
+            table.add_row(f"final {key}", _fmt(value) if isinstance(value, float) else str(value))
+    if ckpt is not None and sha is not None:
+        table.add_row("final checkpoint", f"round {ckpt[0]}, {len(ckpt[1])} bytes")
+        table.add_row("checkpoint SHA-256", sha[1])
+    else:
+        table.add_row("final checkpoint", "none stored")
+    console.print(table)
+
+
+def report(
+    run_id: RunIdArg,
+    out: Annotated[Path, typer.Option("--out", help="Directory for report.md and the PNGs.")],
+    db: DbOption = None,
+    baseline: Annotated[
+        str | None, typer.Option("--baseline", help="Run id of a dense baseline to overlay.")
+    ] = None,
+) -> None:
+    """Write report.md and PNG plots (accuracy, loss, bytes, layer densities) for a run."""
+    # Imported here so `leanfed runs list` never pays for matplotlib.
+    from simulations.report import write_report
+
+    with _open(db) as store:
+        full_id = store.resolve_run_id(run_id)
+        base_id = store.resolve_run_id(baseline) if baseline else None
+        path = write_report(store, full_id, out, baseline_run_id=base_id)
+    Console(highlight=False).print(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `runs list|show` and `report` to the leanfed CLI."""
+    app.add_typer(runs_app, name="runs")
+    app.command("report")(report)
