@@ -21,6 +21,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run, RunStatus
+from flwr.supercore.task_identity import TaskIdentity
 
 # Error code Flower uses for an exception raised inside a ClientApp.
 CLIENT_APP_RAISED_EXCEPTION = 2
@@ -76,6 +77,11 @@ class InProcessGrid(Grid):
         }
         self._replies: dict[str, Message] = {}
         self.traffic = TrafficLog()
+        # Flower's ServerApp runtime sets this process identity before `main` runs; messages
+        # built by strategies read the run id from it.
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
 
     def partition_of(self, node_id: int) -> int:
         return int(self.contexts[node_id].node_config["partition-id"])

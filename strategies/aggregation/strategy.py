@@ -1,0 +1,402 @@
+"""SparseFedAvg: FedAvg with codec-encoded sparse messages, validated replies, FedDST masks.
+
+Only single hooks are overridden (configure_train, aggregate_train, configure_evaluate,
+aggregate_evaluate, summary); Flower's own ``Strategy.start`` loop runs the rounds. The
+loop's ``arrays`` stays the DENSE global model (zeros off the consensus mask), so
+``evaluate_fn`` and result handling work unchanged.
+
+Wire format (see `strategies.aggregation.wire` for the full description):
+
+Server -> client, train and evaluate messages (RecordDict):
+  "arrays": ``codec.to_arrayrecord(codec.encode(global, consensus_mask, value_dtype=download,
+            send_mask=<node lacks the current mask>))`` -- one uint8 Array "leanfed.payload".
+  "config": ConfigRecord: everything in the run's train/evaluate config plus
+            "server-round" (int), "leanfed.mask-sent" (0/1), "leanfed.mask-version" (int),
+            "leanfed.density" (float), "leanfed.upload-dtype" ("fp32"|"fp16"|"int8"),
+            "leanfed.mask-round" (1 when the server re-votes the consensus mask after this
+            round, so it is a good round to prune/regrow locally).
+Client -> server, train reply (RecordDict):
+  "arrays":  ``codec.to_arrayrecord(codec.encode(state, client_mask, value_dtype=upload,
+             send_mask=<client changed its mask>))``; without the mask, the server decodes
+             with the consensus mask it sent this round.
+  "metrics": MetricRecord: "num-examples" (int > 0), "train_loss", "density",
+             "upload_bytes", "drift" (0/1), "regrew" (0/1); extra numeric keys allowed.
+Client -> server, evaluate reply: "metrics" MetricRecord with "num-examples" and the
+  evaluation metrics (e.g. "eval_loss", "eval_acc").
+
+Bytes are counted from encoded payload lengths: ``self.bytes_log[round]`` holds "upload"
+(sum over train replies), "download" (sum over train messages) and "download_evaluate".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from strategies import codec
+from strategies.aggregation.merge import (
+    ClientUpdate,
+    MergeRule,
+    consensus_mask,
+    get_merge_rule,
+)
+from strategies.aggregation.validate import ModelSpec, validate_replies
+from strategies.aggregation.wire import ReplyError, decode_reply, encode_global, reply_payload
+from strategies.sparse.density import layer_density_rule
+from strategies.sparse.masks import Mask, default_sparsifiable, random_mask
+
+__all__ = ["SparseFedAvg", "decode_reply", "encode_global"]
+
+
+class SparseFedAvg(FedAvg):
+    """FedAvg over sparse, codec-encoded models with a FedDST consensus mask (Bibikar et al. 2022).
+
+    Round r: send the global values under the consensus mask (the mask itself only to
+    nodes that do not hold it yet); validate and decode the replies, dropping bad ones
+    into ``self.rejections``; merge with `merge_rule`; every `mask_update_interval`
+    rounds (until `mask_update_end_round`) re-vote the mask; the new global model is the
+    merged values with everything off the consensus mask zeroed.
+    """
+
+    def __init__(  # noqa: PLR0913 - the knobs are the run config
+        self,
+        *,
+        density: float = 0.1,
+        distribution: str = "erk",
+        upload_dtype: str = "fp32",
+        download_dtype: str = "fp32",
+        merge_rule: str | MergeRule = "mean",
+        trim: float = 0.2,
+        mask_update_interval: int = 1,
+        mask_update_end_round: int | None = None,
+        max_density_tolerance: float = 0.05,
+        max_density: float | None = None,
+        seed: int = 0,
+        sparse_keys: Iterable[str] | None = None,
+        initial_mask: Mask | None = None,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        for what, dt in (("upload_dtype", upload_dtype), ("download_dtype", download_dtype)):
+            if dt not in codec.VALUE_DTYPES:
+                raise ValueError(f"{what} must be one of {codec.VALUE_DTYPES}, got {dt!r}")
+        if mask_update_interval < 1:
+            raise ValueError(f"mask_update_interval must be >= 1, got {mask_update_interval}")
+        if max_density_tolerance < 0:
+            raise ValueError(f"max_density_tolerance must be >= 0, got {max_density_tolerance}")
+        self.density = density
+        self.distribution = distribution
+        self._density_rule = layer_density_rule(distribution)
+        self.upload_dtype = upload_dtype
+        self.download_dtype = download_dtype
+        self.merge_rule: MergeRule = get_merge_rule(merge_rule, trim)
+        self.merge_rule_name = merge_rule if isinstance(merge_rule, str) else repr(merge_rule)
+        self.mask_update_interval = mask_update_interval
+        self.mask_update_end_round = mask_update_end_round
+        self.max_density_tolerance = max_density_tolerance
+        # Replies denser than this (+ tolerance) are rejected; default: the target density
+        # (or the consensus mask's actual density, if rounding made it larger).
+        self.max_density = max_density
+        self.seed = seed
+        self.sparse_keys = None if sparse_keys is None else list(sparse_keys)
+        self.mask: Mask | None = None if initial_mask is None else dict(initial_mask)
+        self.target_densities: dict[str, float] = {}
+        self.mask_version = 0
+        self.rejections: list[dict[str, int | str]] = []
+        self.bytes_log: dict[int, dict[str, int]] = {}
+        # Per round, one row per sampled train node: node_id, metrics, upload_bytes,
+        # download_bytes, accepted, reason (the run store's client_results rows).
+        self.round_clients: dict[int, list[dict[str, object]]] = {}
+        self.last_train_metrics: MetricRecord | None = None
+        self._sent_bytes: dict[int, int] = {}
+        self._node_version: dict[int, int] = {}  # mask version each node is known to hold
+        self._sent: dict[str, dict[int, int]] = {"train": {}, "evaluate": {}}
+        self._global: dict[str, torch.Tensor] | None = None  # dense global sent this round
+
+    # ------------------------------------------------------------------ helpers
+    def summary(self) -> None:
+        """Log the sparse settings, then FedAvg's summary."""
+        log(
+            INFO,
+            "\t├──> Sparse: density %.3f (%s), merge %s, mask every %d round(s)",
+            self.density,
+            self.distribution,
+            self.merge_rule_name,
+            self.mask_update_interval,
+        )
+        log(INFO, "\t├──> Codec: upload %s | download %s", self.upload_dtype, self.download_dtype)
+        super().summary()
+
+    def _ensure_mask(self, state: dict[str, torch.Tensor]) -> Mask:
+        """Build the initial ERK/uniform random mask on first use (seeded)."""
+        if self.mask is None:
+            keys = self.sparse_keys
+            if keys is None:
+                keys = [
+                    k
+                    for k, v in state.items()
+                    if v.is_floating_point() and default_sparsifiable(k, v)
+                ]
+            missing = [k for k in keys if k not in state]
+            if missing:
+                raise ValueError(f"sparse_keys not in the model: {missing}")
+            shapes = {k: state[k].shape for k in keys}
+            densities = (
+                {k: 1.0 for k in shapes}
+                if self.density >= 1.0
+                else self._density_rule(shapes, self.density)
+            )
+            gen = torch.Generator().manual_seed(self.seed)
+            self.mask = random_mask(shapes, densities, generator=gen)
+        for k, m in self.mask.items():
+            if k not in state or tuple(m.shape) != tuple(state[k].shape):
+                raise ValueError(f"mask entry {k!r} does not match the model")
+        if not self.target_densities:
+            self.target_densities = {k: int(m.sum()) / m.numel() for k, m in self.mask.items()}
+        return self.mask
+
+    def _mask_round(self, server_round: int) -> bool:
+        end = self.mask_update_end_round
+        return server_round % self.mask_update_interval == 0 and (
+            end is None or server_round <= end
+        )
+
+    def _configure(
+        self,
+        kind: str,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        fraction: float,
+        min_nodes: int,
+    ) -> list[Message]:
+        if fraction == 0.0:
+            return []
+        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+        node_ids, num_total = sample_nodes(
+            grid, self.min_available_nodes, max(num_nodes, min_nodes)
+        )
+        log(INFO, "configure_%s: Sampled %s nodes (out of %s)", kind, len(node_ids), len(num_total))
+        state = dict(arrays.to_torch_state_dict())
+        mask = self._ensure_mask(state)
+        if kind == "train":  # what the clients actually receive: zeros off the mask
+            self._global = {
+                k: torch.where(mask[k], v, torch.zeros_like(v)) if k in mask else v
+                for k, v in state.items()
+            }
+        payloads: dict[bool, ArrayRecord] = {}
+        sizes: dict[bool, int] = {}
+        messages: list[Message] = []
+        sent: dict[int, int] = {}
+        for node in node_ids:
+            send_mask = self._node_version.get(node) != self.mask_version
+            if send_mask not in payloads:
+                payloads[send_mask] = encode_global(state, mask, send_mask, self.download_dtype)
+                sizes[send_mask] = len(codec.from_arrayrecord(payloads[send_mask]))
+            cfg = ConfigRecord(dict(config))
+            cfg["server-round"] = server_round
+            cfg["leanfed.mask-sent"] = int(send_mask)
+            cfg["leanfed.mask-version"] = self.mask_version
+            cfg["leanfed.density"] = float(self.density)
+            cfg["leanfed.upload-dtype"] = self.upload_dtype
+            cfg["leanfed.mask-round"] = int(self._mask_round(server_round))
+            content = RecordDict(
+                {self.arrayrecord_key: payloads[send_mask], self.configrecord_key: cfg}
+            )
+            msg_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+            messages.append(Message(content, node, msg_type, group_id=str(server_round)))
+            sent[node] = self.mask_version
+            if kind == "train":
+                self._sent_bytes[node] = sizes[send_mask]
+            log_key = "download" if kind == "train" else "download_evaluate"
+            self._log_bytes(server_round, log_key, sizes[send_mask])
+        self._sent[kind] = sent
+        return messages
+
+    def _log_bytes(self, server_round: int, key: str, n: int) -> None:
+        row = self.bytes_log.setdefault(
+            server_round, {"upload": 0, "download": 0, "download_evaluate": 0}
+        )
+        row[key] += n
+
+    def _settle(self, kind: str, replies: list[Message]) -> None:
+        """Record which nodes now hold which mask version; forget nodes that failed."""
+        sent = self._sent[kind]
+        ok = {int(m.metadata.src_node_id) for m in replies if not m.has_error()}
+        for node, version in sent.items():
+            if node in ok:
+                self._node_version[node] = version
+            else:  # unknown state: send the full mask next time
+                self._node_version.pop(node, None)
+        self._sent[kind] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send each sampled node the global model under the consensus mask (codec payload)."""
+        return self._configure(
+            "train", server_round, arrays, config, grid, self.fraction_train, self.min_train_nodes
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send each sampled node the global model for evaluation, encoded like training."""
+        return self._configure(
+            "evaluate",
+            server_round,
+            arrays,
+            config,
+            grid,
+            self.fraction_evaluate,
+            self.min_evaluate_nodes,
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, merge and re-vote the mask; return the dense global model and metrics."""
+        if self._global is None or self.mask is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        replies = list(replies)
+        sent = dict(self._sent["train"])
+        self._settle("train", replies)
+        previous, mask = self._global, self.mask
+        uploads: dict[int, int] = {}
+        for msg in replies:
+            with contextlib.suppress(ReplyError, codec.CodecError):
+                node = int(msg.metadata.src_node_id)
+                uploads[node] = uploads.get(node, 0) + len(reply_payload(msg))
+        self._log_bytes(server_round, "upload", sum(uploads.values()))
+
+        def decode(msg: Message) -> ClientUpdate:
+            node = int(msg.metadata.src_node_id)
+            if node not in sent:
+                raise ReplyError(f"reply from node {node}, which was not sent a train message")
+            return decode_reply(msg, mask)
+
+        bound = self.max_density
+        if bound is None:
+            actual = sum(int(m.sum()) for m in mask.values()) / max(
+                1, sum(m.numel() for m in mask.values())
+            )
+            bound = max(self.density, actual)
+        spec = ModelSpec.from_state(previous, mask, bound, self.max_density_tolerance)
+        accepted, rejected = validate_replies(replies, spec, decode)
+        for node, reason in rejected:
+            self.rejections.append({"round": server_round, "node_id": node, "reason": reason})
+            log(INFO, "aggregate_train: rejected node %d: %s", node, reason)
+        self.round_clients[server_round] = self._client_rows(
+            replies, sent, uploads, rejected, {u.node_id for u in accepted}
+        )
+
+        row = self.bytes_log[server_round]
+        metrics = MetricRecord()
+        if accepted:
+            by_node = {int(m.metadata.src_node_id): m for m in replies if not m.has_error()}
+            contents = [by_node[u.node_id].content for u in accepted]
+            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+            if "density" in metrics:
+                metrics["client_density"] = metrics.pop("density")
+        mask_changed = 0
+        arrays: ArrayRecord | None = None
+        if accepted:
+            merged = self.merge_rule(accepted, previous)
+            bad = [k for k in previous if k not in merged or merged[k].shape != previous[k].shape]
+            if bad or set(merged) != set(previous):
+                raise ValueError(
+                    f"merge rule {self.merge_rule_name} returned bad keys/shapes: {bad}"
+                )
+            if self._mask_round(server_round):
+                new_mask = consensus_mask(accepted, self.target_densities, merged)
+                if any(not torch.equal(new_mask[k], mask[k]) for k in mask):
+                    self.mask = new_mask
+                    self.mask_version += 1
+                    mask_changed = 1
+            assert self.mask is not None
+            new_state = {
+                k: torch.where(self.mask[k], v, torch.zeros_like(v)) if k in self.mask else v
+                for k, v in merged.items()
+            }
+            arrays = ArrayRecord({k: new_state[k] for k in previous})
+        active = sum(int(m.sum()) for m in self.mask.values())
+        total = sum(m.numel() for m in self.mask.values())
+        metrics["upload_bytes"] = row["upload"]
+        metrics["download_bytes"] = row["download"]
+        metrics["num_rejected"] = len(rejected)
+        metrics["num_accepted"] = len(accepted)
+        metrics["density"] = active / total if total else 1.0
+        metrics["mask_changed"] = mask_changed
+        self.last_train_metrics = metrics  # read by the server's per-round recorder
+        return arrays, metrics
+
+    def _client_rows(
+        self,
+        replies: list[Message],
+        sent: dict[int, int],
+        uploads: dict[int, int],
+        rejected: list[tuple[int, str]],
+        accepted: set[int],
+    ) -> list[dict[str, object]]:
+        reasons = dict(rejected)
+        rows: list[dict[str, object]] = []
+        replied: set[int] = set()
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            metrics: dict[str, object] = {}
+            if not msg.has_error() and "metrics" in msg.content.metric_records:
+                metrics = dict(msg.content.metric_records["metrics"])
+            ok = node in accepted and node not in replied  # a duplicate reply is rejected
+            rows.append(
+                {
+                    "node_id": node,
+                    "metrics": metrics,
+                    "upload_bytes": uploads.get(node, 0),
+                    "download_bytes": self._sent_bytes.get(node, 0) if node not in replied else 0,
+                    "accepted": ok,
+                    "reason": None if ok else reasons.get(node, "rejected"),
+                }
+            )
+            replied.add(node)
+        for node in sent:
+            if node not in replied:
+                row = {"node_id": node, "metrics": {}, "upload_bytes": 0, "accepted": False}
+                rows.append(
+                    row | {"download_bytes": self._sent_bytes.get(node, 0), "reason": "no reply"}
+                )
+        self._sent_bytes = {}
+        return rows
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Track which nodes now hold the mask, then FedAvg's weighted metric average."""
+        replies = list(replies)
+        self._settle("evaluate", replies)
+        return super().aggregate_evaluate(server_round, replies)
