@@ -5,10 +5,14 @@ from __future__ import annotations
 import typer
 
 from simulations.runs_cli import register as register_runs
+from simulations.simulate import register as register_simulate
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="leanfed: federated DST on Flower.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="leanfed: federated DST on Flower."
+)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write DIR/results.json.")
 app.add_typer(bench_app, name="bench")
+register_simulate(app)
 register_runs(app)
 
 

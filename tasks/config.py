@@ -23,7 +23,7 @@ class LeanfedConfig:
     """Every knob of a run. Field names map to run-config keys: ``dst_rule`` <-> ``dst.rule``,
     ``num_server_rounds`` <-> ``num-server-rounds`` (first ``_`` after a known section is a dot)."""
 
-    num_server_rounds: int = 3
+    num_server_rounds: int = 5
     seed: int = 0
     strategy: str = "sparse"
     # sampling
@@ -63,6 +63,8 @@ class LeanfedConfig:
     cl_scenario: str = "none"
     cl_drift_detector: str = "adwin"
     cl_replay_capacity: int = 0
+    # run bookkeeping: continue a stored run from its last committed round ("" = new run)
+    resume: str = ""
 
     # ---------------------------------------------------------------------------------
     @staticmethod

@@ -16,7 +16,7 @@ def _pyproject_defaults() -> dict:
 
 def test_pyproject_defaults_cover_every_field_and_validate() -> None:
     defaults = _pyproject_defaults()
-    assert set(defaults) == set(LeanfedConfig().to_run_config())
+    assert defaults == LeanfedConfig().to_run_config()
     cfg = LeanfedConfig.from_run_config(defaults)
     assert cfg.partition_scheme == "dirichlet"
 

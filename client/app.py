@@ -1,0 +1,111 @@
+"""The leanfed Flower ClientApp: decode the global sparse model, train with DST, reply sparsely."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data import local_data
+from client.local import local_evaluate, local_round
+from strategies import codec
+from strategies.sparse.masks import Mask, pack_mask, unpack_mask
+from tasks.config import LeanfedConfig
+from tasks.models import build_model
+
+app = ClientApp()
+
+STATE_KEY = "leanfed"  # ConfigRecord in context.state: the last global mask this node holds
+
+
+def _config(context: Context) -> LeanfedConfig:
+    return LeanfedConfig.from_run_config(dict(context.run_config))
+
+
+def _load_mask(context: Context) -> Mask | None:
+    rec = context.state.config_records.get(STATE_KEY)
+    if rec is None or "names" not in rec:
+        return None
+    names = list(rec["names"])  # type: ignore[arg-type]
+    mask: Mask = {}
+    for name in names:
+        shape = tuple(int(s) for s in rec[f"shape:{name}"])  # type: ignore[union-attr]
+        mask[str(name)] = unpack_mask(bytes(rec[f"bits:{name}"]), shape)  # type: ignore[arg-type]
+    return mask
+
+
+def _save_mask(context: Context, mask: Mask) -> None:
+    # Packed bits: ~numel/8 bytes, small enough to ride along with context.state.
+    rec = ConfigRecord({"names": list(mask)})
+    for name, m in mask.items():
+        rec[f"shape:{name}"] = [int(s) for s in m.shape]
+        rec[f"bits:{name}"] = pack_mask(m)
+    context.state.config_records[STATE_KEY] = rec
+
+
+def _receive(msg: Message, context: Context, model: torch.nn.Module) -> Mask | None:
+    """Load the global model into ``model``; return the global mask (None when dense)."""
+    arrays = msg.content.array_records["arrays"]
+    if codec.PAYLOAD_KEY not in arrays:  # Flower's dense FedAvg baseline
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return None
+    values, mask = codec.decode_with(codec.from_arrayrecord(arrays), _load_mask(context))
+    _save_mask(context, mask)
+    model.load_state_dict(values)
+    return mask
+
+
+def _model_and_data(context: Context) -> tuple[LeanfedConfig, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    cfg = _config(context)
+    data = local_data(cfg, dict(context.node_config))
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+    return cfg, model, data.x, data.y
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train locally under the global mask and reply with values under the client's own mask."""
+    cfg, model, x, y = _model_and_data(context)
+    mask = _receive(msg, context, model)
+    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + context.node_id * 7919 + server_round)
+    out = local_round(model, x, y, cfg, server_round, mask, gen)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if out.mask is None:
+        arrays = ArrayRecord(state)
+        upload = sum(len(a.data) for a in arrays.values())
+    else:
+        # The mask rides along only when this client changed it.
+        payload = codec.encode(
+            state, out.mask, value_dtype=cfg.codec_upload_dtype, send_mask=out.regrew
+        )
+        arrays, upload = codec.to_arrayrecord(payload), len(payload)
+    density = 1.0 if out.mask is None else _density(out.mask)
+    metrics = MetricRecord(
+        {
+            "num-examples": out.num_examples,
+            "train_loss": float(out.loss),
+            "density": density,
+            "upload_bytes": int(upload),
+            "regrew": int(out.regrew),
+            "dropped": out.dropped,
+            "grown": out.grown,
+            "drift": 0,
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this node's local data."""
+    _, model, x, y = _model_and_data(context)
+    _receive(msg, context, model)
+    loss, acc = local_evaluate(model, x, y)
+    metrics = MetricRecord({"num-examples": len(x), "eval_loss": loss, "eval_acc": acc})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _density(mask: Mask) -> float:
+    total = sum(m.numel() for m in mask.values())
+    return float(sum(int(m.sum()) for m in mask.values()) / max(1, total))

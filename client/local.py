@@ -1,0 +1,110 @@
+"""One client round of federated DST: train under the global mask, readjust it (FedDST), train on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from client.trainer import evaluate, make_optimizer, train_steps
+from strategies.sparse.engine import DSTConfig, DSTController
+from strategies.sparse.masks import Mask
+from tasks.config import LeanfedConfig
+
+
+@dataclass
+class RoundOutcome:
+    """What a client reports after its local round."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    regrew: bool
+    dropped: int
+    grown: int
+    mask: Mask | None
+
+
+def readjust_fraction(cfg: LeanfedConfig, server_round: int) -> float | None:
+    """FedDST's cosine-decayed readjustment fraction for this round, or None.
+
+    Bibikar et al. 2022 readjust client masks every ΔR rounds with
+    α_r = α/2 · (1 + cos(π r / R_end)), stopping at R_end (RigL's schedule in rounds).
+    """
+    if cfg.dst_rule not in ("set", "rigl"):
+        return None
+    r_end = max(1, int(cfg.dst_end_round_fraction * cfg.num_server_rounds))
+    if server_round >= r_end or server_round % cfg.dst_mask_round_interval != 0:
+        return None
+    return cfg.dst_drop_fraction / 2 * (1 + math.cos(math.pi * server_round / r_end))
+
+
+def dense_grad_scores(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """|∂L/∂W| of the full weight tensors on one batch: RigL's grow score (Evci et al. 2020)."""
+    params = dict(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    scores = {n: params[n].grad.detach().abs().clone() for n in names if params[n].grad is not None}
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
+def local_round(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: LeanfedConfig,
+    server_round: int,
+    mask: Mask | None,
+    generator: torch.Generator,
+) -> RoundOutcome:
+    """Train ``local.steps`` steps; on readjustment rounds prune+regrow halfway through.
+
+    Readjusting at the midpoint (not at the end) lets the regrown weights train before
+    upload instead of being sent as zeros.
+    """
+    optimizer = make_optimizer(
+        model, cfg.local_optimizer, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay
+    )
+    # Within a round the mask is fixed ("static"); topology changes happen once per
+    # readjustment round, as in FedDST, so the server sees one mask per client per round.
+    rule = "dense" if mask is None else "static"
+    dst = DSTConfig(rule=rule, density=cfg.dst_density, distribution=cfg.dst_distribution)
+    controller = DSTController(model, optimizer, dst, total_steps=cfg.local_steps, mask=mask)
+    fraction = readjust_fraction(cfg, server_round)
+    first = cfg.local_steps if fraction is None else max(1, cfg.local_steps // 2)
+    res = train_steps(model, controller, optimizer, x, y, first, cfg.local_batch_size, generator)
+    losses, steps = [res.loss * res.steps], res.steps
+    dropped = grown = 0
+    if fraction is not None and mask is not None:
+        scores = None
+        if cfg.dst_rule == "rigl":
+            n = min(len(x), 4 * cfg.local_batch_size)
+            pick = torch.randperm(len(x), generator=generator)[:n]
+            scores = dense_grad_scores(model, x[pick], y[pick], list(controller.mask))
+        changed = controller.regrow(fraction, grow_scores=scores)
+        dropped, grown = int(changed.get("dropped", 0)), int(changed.get("grown", 0))
+        rest = cfg.local_steps - first
+        if rest > 0:
+            res = train_steps(model, controller, optimizer, x, y, rest, cfg.local_batch_size, generator)
+            losses.append(res.loss * res.steps)
+            steps += res.steps
+    return RoundOutcome(
+        loss=sum(losses) / max(1, steps),
+        num_examples=len(x),
+        steps=steps,
+        regrew=fraction is not None and mask is not None,
+        dropped=dropped,
+        grown=grown,
+        mask=None if mask is None else {k: v.clone() for k, v in controller.mask.items()},
+    )
+
+
+def local_evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(loss, accuracy in [0, 1]) of the received global model on this node's data."""
+    return evaluate(model, x, y)

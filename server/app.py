@@ -1,0 +1,23 @@
+"""The leanfed Flower ServerApp: parse the run config once, run and record the strategy."""
+
+from __future__ import annotations
+
+import os
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.session import run_recorded
+from server.store import RunStore, resolve_db_url
+from tasks.config import LeanfedConfig
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the config before round 1, then run it against whatever Grid Flower gives us."""
+    cfg = LeanfedConfig.from_run_config(dict(context.run_config))
+    # The database URL comes from the environment, never the run config: it may hold a password.
+    with RunStore(resolve_db_url(os.environ.get("LEANFED_DB_URL"))) as store:
+        run_recorded(grid, cfg, store)

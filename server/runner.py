@@ -1,0 +1,209 @@
+"""Builds the strategy from the validated config and runs it on any Grid, recording each round.
+
+The round loop is Flower's own ``Strategy.start``; leanfed only supplies the strategy,
+the initial arrays and an ``evaluate_fn`` that evaluates the global model on the held-out
+set and hands each finished round to a callback (the run store writer). Resuming wraps
+the strategy in :class:`RoundOffset` so rounds keep their absolute numbers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.aggregation.counting import ByteCountingFedAvg
+from strategies.aggregation.strategy import SparseFedAvg
+from tasks.config import LeanfedConfig
+from tasks.datasets import Dataset, load_dataset
+from tasks.evaluation import evaluate
+from tasks.models import build_model
+
+
+@dataclass
+class RoundRecord:
+    """What the server knows about one finished round."""
+
+    round: int
+    accuracy: float
+    loss: float
+    train_loss: float | None
+    upload_bytes: int
+    download_bytes: int
+    wall_s: float
+    density: float
+    num_rejected: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    """Per-round history of one federated run."""
+
+    config: LeanfedConfig
+    initial_accuracy: float = 0.0
+    rounds: list[RoundRecord] = field(default_factory=list)
+    final_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.rounds[-1].accuracy if self.rounds else self.initial_accuracy
+
+
+# (record of the finished round, the strategy, the new global arrays) -> None
+RoundCallback = Callable[[RoundRecord, Strategy, ArrayRecord], None]
+
+
+def test_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(ds.x_test, dtype=torch.float32)
+    return x, torch.as_tensor(ds.y_test, dtype=torch.int64)
+
+
+def make_model(cfg: LeanfedConfig, ds: Dataset) -> torch.nn.Module:
+    return build_model(cfg.model, tuple(ds.input_shape), ds.num_classes, seed=cfg.seed)
+
+
+def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
+    """Flower's FedAvg (bytes counted, maths untouched) for the dense baseline, else SparseFedAvg."""
+    sampling = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_train_nodes,
+        "min_evaluate_nodes": 0 if cfg.fraction_evaluate == 0 else 1,
+        "min_available_nodes": cfg.min_train_nodes,
+    }
+    if cfg.strategy == "flower-fedavg":
+        return ByteCountingFedAvg(**sampling)  # type: ignore[arg-type]
+    dynamic = cfg.dst_rule in ("set", "rigl")
+    return SparseFedAvg(
+        density=1.0 if cfg.dst_rule == "dense" else cfg.dst_density,
+        distribution=cfg.dst_distribution,
+        upload_dtype=cfg.codec_upload_dtype,
+        download_dtype=cfg.codec_download_dtype,
+        merge_rule=cfg.aggregation_rule,
+        trim=cfg.aggregation_trim,
+        # FedDST: the server re-votes the mask on the rounds clients readjust theirs.
+        mask_update_interval=cfg.dst_mask_round_interval if dynamic else 1,
+        mask_update_end_round=(
+            max(1, int(cfg.dst_end_round_fraction * cfg.num_server_rounds)) if dynamic else 0
+        ),
+        max_density_tolerance=cfg.aggregation_max_density_tolerance,
+        seed=cfg.seed,
+        **sampling,  # type: ignore[arg-type]
+    )
+
+
+class RoundOffset(Strategy):
+    """Delegates every hook with ``server_round + offset``: a resumed run keeps its round numbers."""
+
+    def __init__(self, inner: Strategy, offset: int) -> None:
+        self.inner, self.offset = inner, offset
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+def _round_bytes(strategy: Strategy, server_round: int) -> tuple[int, int]:
+    log = getattr(strategy, "bytes_log", {}).get(server_round, {})
+    return int(log.get("upload", 0)), int(log.get("download", 0))
+
+
+def run_federated(
+    grid: Grid,
+    cfg: LeanfedConfig,
+    *,
+    on_round: RoundCallback | None = None,
+    strategy: SparseFedAvg | ByteCountingFedAvg | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
+    start_round: int = 1,
+    timeout: float = 3600.0,
+) -> RunSummary:
+    """Run rounds ``start_round..cfg.num_server_rounds`` of the configured strategy on ``grid``.
+
+    ``strategy`` and ``initial_state`` let a resumed run continue from a checkpoint;
+    ``random`` must already hold the checkpoint's state then (Flower samples with it).
+    """
+    ds = load_dataset(cfg.dataset, seed=cfg.seed)
+    x_test, y_test = test_tensors(ds)
+    model = make_model(cfg, ds)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    if strategy is None:
+        strategy = build_strategy(cfg)
+    if start_round == 1:
+        random.seed(cfg.seed)  # Flower's node sampling uses the `random` module
+    offset = start_round - 1
+    summary = RunSummary(config=cfg)
+    clock = {"t": time.perf_counter()}
+
+    def evaluate_fn(rel_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round = rel_round + offset
+        wall = time.perf_counter() - clock["t"]
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(model, x_test, y_test)
+        if rel_round == 0:
+            summary.initial_accuracy = acc
+        else:
+            up, down = _round_bytes(strategy, server_round)
+            agg = getattr(strategy, "last_train_metrics", {}) or {}
+            rec = RoundRecord(
+                round=server_round,
+                accuracy=acc,
+                loss=loss,
+                train_loss=_maybe_float(agg.get("train_loss")),
+                upload_bytes=up,
+                download_bytes=down,
+                wall_s=wall,
+                density=float(agg.get("density", 1.0)),
+                num_rejected=int(agg.get("num_rejected", 0)),
+                metrics={k: float(v) for k, v in agg.items() if isinstance(v, int | float)},
+            )
+            summary.rounds.append(rec)
+            if on_round is not None:
+                on_round(rec, strategy, arrays)
+        clock["t"] = time.perf_counter()  # the next round's wall time excludes evaluation
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    initial = ArrayRecord({k: v.detach() for k, v in model.state_dict().items()})
+    runner: Strategy = strategy if offset == 0 else RoundOffset(strategy, offset)
+    result = runner.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds - offset,
+        timeout=timeout,
+        train_config=ConfigRecord({"seed": cfg.seed}),
+        evaluate_config=ConfigRecord({"seed": cfg.seed}),
+        evaluate_fn=evaluate_fn,
+    )
+    summary.final_state = dict(result.arrays.to_torch_state_dict()) if result.arrays else None
+    return summary
+
+
+def _maybe_float(v: object) -> float | None:
+    return float(v) if isinstance(v, int | float) else None

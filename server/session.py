@@ -1,0 +1,56 @@
+"""One recorded federated run: create or resume it in the store, run it, mark how it ended."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.serverapp import Grid
+
+from server.recorder import StoreRecorder, load_resume_point
+from server.runner import RoundRecord, RunSummary, run_federated
+from server.store import RunStore, StoreError
+from tasks.config import LeanfedConfig
+
+
+def run_recorded(
+    grid: Grid,
+    cfg: LeanfedConfig,
+    store: RunStore,
+    *,
+    name: str | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> tuple[str, RunSummary]:
+    """Run ``cfg`` on ``grid``, committing every round; ``cfg.resume`` continues a stored run."""
+    if cfg.resume:
+        run_id = store.resolve_run_id(cfg.resume)
+        stored = LeanfedConfig.from_run_config({**store.get_run(run_id).config, "resume": ""})
+        if stored != cfg.replace(resume=""):
+            raise StoreError(f"run {run_id} was started with a different config; resume uses it as is")
+        point = load_resume_point(store, run_id, stored)
+        start, state, strategy = point.round + 1, point.state, point.strategy
+    else:
+        run_id = store.create_run(cfg.to_run_config(), seed=cfg.seed, name=name)
+        start, state, strategy = 1, None, None
+    recorder = StoreRecorder(store, run_id)
+
+    def record(rec: RoundRecord, strat: object, arrays: object) -> None:
+        recorder(rec, strat, arrays)  # type: ignore[arg-type]
+        if on_round is not None:
+            on_round(rec)
+
+    try:
+        if start > cfg.num_server_rounds:
+            summary = RunSummary(config=cfg)
+        else:
+            summary = run_federated(
+                grid, cfg.replace(resume=""), on_round=record, strategy=strategy,  # type: ignore[arg-type]
+                initial_state=state, start_round=start,
+            )
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "interrupted")
+        raise
+    except BaseException:
+        store.finish_run(run_id, "failed")
+        raise
+    store.finish_run(run_id, "completed")
+    return run_id, summary

@@ -1,0 +1,232 @@
+"""`leanfed bench federated`: Flower FedAvg (dense) vs sparse static vs FedDST, one harness, one engine.
+
+Every run drives the real ServerApp strategy and ClientApp through the same in-process
+Grid (real Flower serde on every message), so accuracy, bytes and round wall time are
+comparable row to row. Bytes are the encoded payloads of each message, both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+
+from client.app import app as client_app  # noqa: E402
+from server.runner import RunSummary, run_federated  # noqa: E402
+from simulations.grid import InProcessGrid  # noqa: E402
+from tasks.config import LeanfedConfig  # noqa: E402
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the benchmark: a strategy, a client DST rule and a density."""
+
+    strategy: str  # "flower-fedavg" | "leanfed-sparse" | "leanfed-feddst"
+    rule: str
+    density: float
+    upload_dtype: str = "fp32"
+
+
+def arms(quick: bool) -> list[Arm]:
+    densities = (0.1,) if quick else (0.5, 0.2, 0.1)
+    out = [Arm("flower-fedavg", "dense", 1.0)]
+    out += [Arm("leanfed-sparse", "static", d) for d in densities]
+    out += [Arm("leanfed-feddst", "rigl", d) for d in densities]
+    out += [Arm("leanfed-feddst", "rigl", 0.1, upload_dtype="fp16")]
+    return out
+
+
+def arm_config(arm: Arm, base: LeanfedConfig) -> LeanfedConfig:
+    if arm.strategy == "flower-fedavg":
+        return base.replace(strategy="flower-fedavg", dst_rule="dense", dst_density=1.0)
+    return base.replace(
+        strategy="sparse", dst_rule=arm.rule, dst_density=arm.density,
+        codec_upload_dtype=arm.upload_dtype,
+    )
+
+
+def base_config(
+    dataset: str, seed: int, clients: int, rounds: int, alpha: float, quick: bool
+) -> LeanfedConfig:
+    model = {"mnist5k": "cnn", "digits": "cnn", "breast_cancer": "mlp"}.get(dataset, "cnn")
+    return LeanfedConfig(
+        num_server_rounds=rounds, seed=seed, dataset=dataset, model=model,
+        partition_scheme="dirichlet", partition_alpha=alpha, num_partitions=clients,
+        fraction_train=0.5, min_train_nodes=max(1, clients // 2),
+        local_steps=4 if quick else 20, local_batch_size=32, local_lr=0.05,
+        dst_mask_round_interval=1, dst_drop_fraction=0.3,
+    )
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return 0.0 if n == 0 else (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2)
+
+
+def row_for(arm: Arm, cfg: LeanfedConfig, summary: RunSummary, grid: InProcessGrid) -> dict[str, Any]:
+    walls = [r.wall_s for r in summary.rounds]
+    return {
+        "strategy": arm.strategy,
+        "rule": arm.rule,
+        "density": arm.density,
+        "upload_dtype": arm.upload_dtype,
+        "rounds": len(summary.rounds),
+        "final_accuracy": summary.final_accuracy,
+        "initial_accuracy": summary.initial_accuracy,
+        "accuracy_per_round": [r.accuracy for r in summary.rounds],
+        "upload_bytes_per_round": [r.upload_bytes for r in summary.rounds],
+        "upload_bytes": sum(r.upload_bytes for r in summary.rounds),
+        "download_bytes": sum(r.download_bytes for r in summary.rounds),
+        # Cross-check: whole serialized Flower messages (records + config), both directions.
+        "wire_upload_bytes": sum(grid.traffic.received.values()),
+        "wire_download_bytes": sum(grid.traffic.sent.values()),
+        "round_wall_s": walls,
+        "median_round_wall_s": _median(walls),
+        "final_density": summary.rounds[-1].density if summary.rounds else 1.0,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "num_clients": cfg.num_partitions,
+        "clients_per_round": max(int(cfg.num_partitions * cfg.fraction_train), cfg.min_train_nodes),
+        "alpha": cfg.partition_alpha,
+        "local_steps": cfg.local_steps,
+    }
+
+
+def accuracy_at_budget(row: dict[str, Any], budget: int) -> float:
+    """Accuracy after the last round whose cumulative upload stays within ``budget`` bytes."""
+    acc, spent = row["initial_accuracy"], 0
+    for a, b in zip(row["accuracy_per_round"], row["upload_bytes_per_round"], strict=True):
+        spent += b
+        if spent > budget:
+            break
+        acc = a
+    return float(acc)
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets at density 0.1, measured (fp32 upload row and fp16 row)."""
+    dense = next(r for r in rows if r["strategy"] == "flower-fedavg")
+    out: dict[str, Any] = {}
+    for r in rows:
+        if r["strategy"] != "leanfed-feddst" or r["density"] != 0.1:
+            continue
+        key = f"feddst-0.1-{r['upload_dtype']}"
+        out[key] = {
+            "accuracy_gap_points": 100 * (r["final_accuracy"] - dense["final_accuracy"]),
+            "upload_ratio": r["upload_bytes"] / dense["upload_bytes"],
+            "download_ratio": r["download_bytes"] / dense["download_bytes"],
+            "equal_budget_gain_points": 100
+            * (r["final_accuracy"] - accuracy_at_budget(dense, r["upload_bytes"])),
+            "median_round_wall_ratio": r["median_round_wall_s"] / dense["median_round_wall_s"],
+        }
+    return out
+
+
+def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        label = f"{r['strategy']} {r['rule']} d={r['density']} {r['upload_dtype']}"
+        ax.plot(range(1, r["rounds"] + 1), r["accuracy_per_round"], label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs round")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    paths.append(out_dir / "accuracy_vs_round.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        cum, mb = 0, []
+        for b in r["upload_bytes_per_round"]:
+            cum += b
+            mb.append(cum / 1e6)
+        label = f"{r['strategy']} {r['rule']} d={r['density']} {r['upload_dtype']}"
+        ax.plot(mb, r["accuracy_per_round"], marker=".", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uploaded MB (log)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs uploaded bytes")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    paths.append(out_dir / "accuracy_vs_upload.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def run_bench(
+    out_dir: Path,
+    dataset: str = "mnist5k",
+    seed: int = 0,
+    clients: int = 20,
+    rounds: int | None = None,
+    alpha: float = 0.5,
+    quick: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_rounds = rounds if rounds is not None else (3 if quick else 30)
+    base = base_config(dataset, seed, clients, n_rounds, alpha, quick)
+    rows: list[dict[str, Any]] = []
+    todo = arms(quick)
+    t0 = time.perf_counter()
+    with Progress(console=console, disable=not progress) as bar:
+        task = bar.add_task("federated bench", total=len(todo) * n_rounds)
+        for arm in todo:
+            cfg = arm_config(arm, base)
+            grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
+            bar.update(task, description=f"{arm.strategy} {arm.rule} d={arm.density}")
+            summary = run_federated(grid, cfg, on_round=lambda *_: bar.advance(task))
+            rows.append(row_for(arm, cfg, summary, grid))
+    result = {
+        "command": "leanfed bench federated",
+        "wall_s": time.perf_counter() - t0,
+        "rows": rows,
+        "targets": targets(rows),
+    }
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=1))
+    plot(rows, out_dir)
+    return rows
+
+
+def register(bench_app: typer.Typer) -> None:
+    """Add `leanfed bench federated`."""
+
+    @bench_app.command("federated")
+    def federated_cmd(
+        out: Annotated[Path, typer.Option("--out", help="directory for results.json and plots")],
+        dataset: Annotated[str, typer.Option("--dataset")] = "mnist5k",
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        clients: Annotated[int, typer.Option("--clients")] = 20,
+        rounds: Annotated[int | None, typer.Option("--rounds")] = None,
+        alpha: Annotated[float, typer.Option("--alpha")] = 0.5,
+        quick: Annotated[bool, typer.Option("--quick", help="tiny CI variant")] = False,
+    ) -> None:
+        """Flower FedAvg vs leanfed sparse/FedDST: accuracy, bytes each way, round time."""
+        rows = run_bench(out, dataset, seed, clients, rounds, alpha, quick)
+        for r in rows:
+            console.print(
+                f"{r['strategy']:15s} {r['rule']:6s} d={r['density']:<4} {r['upload_dtype']}"
+                f"  acc={r['final_accuracy']:.4f}  up={r['upload_bytes'] / 1e6:.2f}MB"
+                f"  down={r['download_bytes'] / 1e6:.2f}MB  med_round={r['median_round_wall_s']:.2f}s"
+            )
