@@ -1,0 +1,394 @@
+"""DSTController: owns the mask of one model and runs dense/static/SET/RigL/GMP topology updates.
+
+Usage per training step (replaces ``optimizer.step()``)::
+
+    loss.backward()
+    controller.after_backward()   # RigL: keep dense |grad| at update steps; zero masked grads
+    changed = controller.step()   # optimizer.step(); re-mask; prune/grow at update steps
+
+Rules:
+- ``dense``  all-ones mask, no updates (reference).
+- ``static`` random ERK/uniform mask fixed for the whole run (control).
+- ``set``    magnitude drop + random grow (Mocanu et al. 2018).
+- ``rigl``   magnitude drop + dense-gradient grow (Evci et al. 2020); drop fraction
+             f(t) = alpha/2 (1 + cos(pi t / T_end)) every ``update_interval`` steps.
+- ``gmp``    starts dense and magnitude-prunes to the cubic schedule density (Zhu & Gupta
+             2017) -- "shed parameters while learning"; never regrows.
+
+Per layer, n_drop = round(f * active_l), capped at the layer's inactive count so the grow set
+(taken from entries inactive BEFORE the drop) always exists. Invariants, checked in code:
+the active count per layer is kept by prune+grow, dropped and grown sets are disjoint, grown
+weights are exactly 0 and their optimizer state (SGD ``momentum_buffer``, Adam/AdamW
+``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, any per-parameter state tensor) is reset at
+those positions, masked weights are exactly 0 after every step (weight decay and momentum
+would otherwise move them) and masked gradients are zeroed. Structured rules plug in through
+``prune_grow.register_drop_rule`` / ``register_grow_rule`` and ``RULE_TABLE`` here.
+All randomness comes from one ``torch.Generator`` so runs are reproducible given its seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from strategies.sparse.density import DENSITY_RULES, layer_density_rule
+from strategies.sparse.masks import (
+    Mask,
+    MaskError,
+    Predicate,
+    default_sparsifiable,
+    mask_density,
+    named_parameters_by_state_key,
+    ones_mask,
+    random_mask,
+    target_active_count,
+    validate_mask,
+)
+from strategies.sparse.prune_grow import (
+    LayerState,
+    check_prune_grow,
+    drop_lowest,
+    get_drop_rule,
+    get_grow_rule,
+    magnitude_prune_to,
+)
+from strategies.sparse.schedules import CosineDecay, GMPSchedule
+from strategies.sparse.scores import magnitude_score
+
+__all__ = ["RULES", "RULE_TABLE", "DSTConfig", "DSTController"]
+
+RULES = ("dense", "static", "set", "rigl", "gmp")
+# rule -> (drop rule, grow rule) names in prune_grow's registries, for the prune+grow rules.
+RULE_TABLE: dict[str, tuple[str, str]] = {
+    "set": ("magnitude", "random"),
+    "rigl": ("magnitude", "gradient"),
+}
+
+
+@dataclass(frozen=True)
+class DSTConfig:
+    """Settings of one DST run; ``validate`` raises ValueError naming the bad field."""
+
+    rule: str = "rigl"  # "dense" | "static" | "set" | "rigl" | "gmp"
+    density: float = 0.1  # target overall density of the sparsifiable tensors
+    distribution: str = "erk"  # "erk" | "uniform"
+    drop_fraction: float = 0.3  # RigL alpha
+    update_interval: int = 100  # RigL delta T
+    end_fraction: float = 0.75  # topology updates stop at end_fraction * total_steps
+    gmp_start_fraction: float = 0.1
+    gmp_end_fraction: float = 0.75
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if self.rule not in RULES:
+            raise ValueError(f"DSTConfig.rule must be one of {RULES}, got {self.rule!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"DSTConfig.density must be in (0, 1], got {self.density}")
+        if self.distribution not in DENSITY_RULES:
+            raise ValueError(
+                f"DSTConfig.distribution must be one of {sorted(DENSITY_RULES)}, "
+                f"got {self.distribution!r}"
+            )
+        if not 0.0 <= self.drop_fraction <= 1.0:
+            raise ValueError(f"DSTConfig.drop_fraction must be in [0, 1], got {self.drop_fraction}")
+        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int):
+            raise ValueError(
+                f"DSTConfig.update_interval must be an int, got {self.update_interval!r}"
+            )
+        if self.update_interval < 1:
+            raise ValueError(f"DSTConfig.update_interval must be >= 1, got {self.update_interval}")
+        if not 0.0 <= self.end_fraction <= 1.0:
+            raise ValueError(f"DSTConfig.end_fraction must be in [0, 1], got {self.end_fraction}")
+        if not 0.0 <= self.gmp_start_fraction < 1.0:
+            raise ValueError(
+                f"DSTConfig.gmp_start_fraction must be in [0, 1), got {self.gmp_start_fraction}"
+            )
+        if not self.gmp_start_fraction < self.gmp_end_fraction <= 1.0:
+            raise ValueError(
+                "DSTConfig.gmp_end_fraction must be in (gmp_start_fraction, 1], "
+                f"got {self.gmp_end_fraction}"
+            )
+
+
+class DSTController:
+    """Owns ``mask`` for ``model`` and performs the optimizer step plus topology updates.
+
+    The initial mask is ``mask`` if given (validated; used as-is for every rule, so a
+    federated client can start from the server consensus), else all-ones for ``dense`` and
+    ``gmp``, else a random mask with per-layer densities from ``config.distribution``.
+    ``regrow`` and ``set_mask`` work for every rule (e.g. ``static`` within a federated round).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: DSTConfig,
+        total_steps: int,
+        *,
+        mask: Mask | None = None,
+        generator: torch.Generator | None = None,
+        predicate: Predicate = default_sparsifiable,
+    ) -> None:
+        config.validate()
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.total_steps = total_steps
+        # A fixed default seed keeps runs reproducible when the caller passes no generator.
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        all_params = named_parameters_by_state_key(model)
+        self._params: dict[str, nn.Parameter] = {
+            n: p for n, p in all_params.items() if predicate(n, p.detach())
+        }
+        self.shapes: dict[str, torch.Size] = {n: p.shape for n, p in self._params.items()}
+        self._distribution = layer_density_rule(config.distribution)
+        self.step_count = 0
+        self._dense_grads: dict[str, torch.Tensor] = {}
+
+        self.cosine: CosineDecay | None = None
+        self.gmp: GMPSchedule | None = None
+        if config.rule in RULE_TABLE:
+            self.cosine = CosineDecay(
+                config.drop_fraction,
+                config.update_interval,
+                end_step=int(config.end_fraction * total_steps),
+            )
+        elif config.rule == "gmp":
+            start = int(config.gmp_start_fraction * total_steps)
+            end = max(start + 1, int(config.gmp_end_fraction * total_steps))
+            self.gmp = GMPSchedule(config.density, start, end, config.update_interval)
+
+        if mask is not None:
+            validate_mask(mask, self.shapes)
+            init = {k: v.clone() for k, v in mask.items()}
+        elif config.rule in ("dense", "gmp"):
+            init = ones_mask(self.shapes)
+        else:
+            densities = self._distribution(self.shapes, config.density)
+            init = random_mask(self.shapes, densities, self.generator)
+        self.mask: Mask = {n: init[n].to(self._params[n].device) for n in self.shapes}
+        self._apply()
+        for n, m in self.mask.items():  # optimizer may already hold state (e.g. resumed)
+            self._reset_optimizer_state(n, ~m)
+
+    # -- queries --------------------------------------------------------------------------
+
+    @property
+    def density(self) -> float:
+        """Current overall density of the masked tensors."""
+        return mask_density(self.mask)
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether completing optimizer step ``step`` (1-based) triggers a topology update."""
+        if self.cosine is not None:
+            return self.cosine(step) is not None
+        if self.gmp is not None:
+            return self.gmp(step) is not None
+        return False
+
+    # -- the training-step hooks -----------------------------------------------------------
+
+    def after_backward(self) -> None:
+        """Call after ``loss.backward()``: capture RigL's dense grads, zero masked grads."""
+        if self.config.rule == "dense":
+            return
+        upcoming = self.step_count + 1
+        capture = self.config.rule == "rigl" and self.is_update_step(upcoming)
+        self._dense_grads = {}
+        for n, p in self._params.items():
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise ValueError(f"{n}: sparse gradients are not supported; use dense grads")
+            if capture:
+                # |dL/dW| over the FULL tensor, before masking: RigL's grow score (the dense
+                # gradient is already computed by autograd on dense kernels).
+                self._dense_grads[n] = g.detach().clone()
+            g.masked_fill_(~self.mask[n], 0.0)
+
+    def step(self) -> dict[str, int]:
+        """``optimizer.step()``, re-mask, and prune/grow at update steps; returns counts."""
+        self.optimizer.step()
+        self.step_count += 1
+        # Weight decay and momentum move masked weights off zero; re-zero them (RigL does
+        # the same by re-applying the mask after every update).
+        self._apply()
+        out = {"dropped": 0, "grown": 0}
+        if self.cosine is not None:
+            fraction = self.cosine(self.step_count)
+            if fraction is not None:
+                drop_name, grow_name = RULE_TABLE[self.config.rule]
+                if grow_name == "gradient" and not self._dense_grads:
+                    raise RuntimeError(
+                        f"step {self.step_count} is a RigL update step but no dense gradient "
+                        "was captured: call after_backward() after loss.backward()"
+                    )
+                out = self._prune_grow(fraction, drop_name, grow_name, self._dense_grads)
+        elif self.gmp is not None:
+            d = self.gmp(self.step_count)
+            if d is not None:
+                out = self._gmp_prune(d)
+        self._dense_grads = {}
+        return out
+
+    def regrow(
+        self,
+        fraction: float,
+        grow_scores: dict[str, torch.Tensor] | None = None,
+        *,
+        protected: Mask | None = None,
+    ) -> dict[str, int]:
+        """Extra drop+regrow event: magnitude drop, grow by ``grow_scores`` (else random).
+
+        Used by drift/task triggers and federated readjustment rounds. ``grow_scores[name]``
+        (e.g. |dense grad|) is used where given; layers without one grow at random.
+        ``protected`` (optional extension) marks weights never to be dropped (e.g. frozen
+        weights of earlier tasks).
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"regrow fraction must be in [0, 1], got {fraction}")
+        scores = dict(grow_scores or {})
+        for n, s in scores.items():
+            if n not in self.shapes:
+                raise MaskError(f"grow_scores key {n!r} is not a masked tensor")
+            if s.shape != self.shapes[n]:
+                raise MaskError(
+                    f"{n}: grow score shape {tuple(s.shape)} != {tuple(self.shapes[n])}"
+                )
+        if protected is not None:
+            for n, m in protected.items():
+                if n not in self.shapes or m.shape != self.shapes[n]:
+                    raise MaskError(f"protected key {n!r} missing from mask or wrong shape")
+        return self._prune_grow(
+            fraction, "magnitude", "gradient", scores, fallback_grow="random", protected=protected
+        )
+
+    def set_mask(self, mask: Mask) -> None:
+        """Adopt ``mask`` (e.g. the server consensus), apply it, reset changed optimizer state.
+
+        Values at newly activated positions are kept (the caller may have just loaded them
+        from the server); positions that change state get fresh optimizer state.
+        """
+        validate_mask(mask, self.shapes)
+        for n in self.shapes:
+            new = mask[n].to(self._params[n].device).clone()
+            changed = new ^ self.mask[n]
+            self.mask[n] = new
+            self._reset_optimizer_state(n, changed)
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small resumable state: the mask (CPU bool tensors) and the step count."""
+        return {
+            "mask": {n: m.detach().cpu().clone() for n, m in self.mask.items()},
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output (mask validated against this model)."""
+        if "mask" not in d or "step_count" not in d:
+            raise ValueError(f"controller state needs 'mask' and 'step_count', got {sorted(d)}")
+        step = d["step_count"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"controller state step_count must be an int >= 0, got {step!r}")
+        self.set_mask(d["mask"])
+        self.step_count = step
+
+    def check_invariants(self) -> None:
+        """Raise RuntimeError unless every masked weight is exactly zero."""
+        for n, p in self._params.items():
+            if bool((p.detach()[~self.mask[n]] != 0).any()):
+                raise RuntimeError(f"{n}: masked weights are not exactly zero")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _apply(self) -> None:
+        with torch.no_grad():
+            for n, p in self._params.items():
+                p.masked_fill_(~self.mask[n], 0.0)
+
+    def _reset_optimizer_state(self, name: str, positions: torch.Tensor) -> None:
+        # Every per-parameter state tensor shaped like the weight (SGD momentum_buffer,
+        # Adam/AdamW exp_avg, exp_avg_sq, max_exp_avg_sq, RMSprop square_avg, ...) is zeroed
+        # at ``positions`` so a regrown weight starts fresh. Scalar state (Adam's ``step``)
+        # is per tensor and cannot be reset per entry, as in RigL.
+        p = self._params[name]
+        state = self.optimizer.state.get(p)
+        if not state or not bool(positions.any()):
+            return
+        with torch.no_grad():
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    v.masked_fill_(positions.to(v.device), 0)
+
+    def _prune_grow(
+        self,
+        fraction: float,
+        drop_name: str,
+        grow_name: str,
+        grads: dict[str, torch.Tensor],
+        *,
+        fallback_grow: str = "random",
+        protected: Mask | None = None,
+    ) -> dict[str, int]:
+        drop_rule = get_drop_rule(drop_name)
+        dropped_total = grown_total = 0
+        for n, p in self._params.items():
+            m = self.mask[n]
+            active = int(m.sum())
+            droppable = active
+            if protected is not None and n in protected:
+                droppable = int((m & ~protected[n].to(m.device)).sum())
+            # n_drop = round(f * active) (RigL), capped so the grow set exists.
+            k = min(round(fraction * active), droppable, m.numel() - active)
+            if k <= 0:
+                continue
+            grad = grads.get(n)
+            grow_rule = get_grow_rule(grow_name if grad is not None else fallback_grow)
+            layer = LayerState(n, p.detach(), m, grad, self.generator)
+            if protected is not None and n in protected:
+                # Protected weights get +inf drop score, so they are never the lowest.
+                score = magnitude_score(p).masked_fill(protected[n].to(m.device), float("inf"))
+                dropped = drop_lowest(m, score, k)
+            else:
+                dropped = drop_rule(layer, k)
+            after = m & ~dropped
+            grown = grow_rule(layer, after, dropped, k)
+            new = after | grown
+            check_prune_grow(m, dropped, grown, new, n)
+            self.mask[n] = new
+            with torch.no_grad():
+                # Dropped weights -> 0 (masked); grown weights start at exactly 0 (RigL).
+                p.masked_fill_(~new | grown, 0.0)
+            self._reset_optimizer_state(n, dropped | grown)
+            dropped_total += k
+            grown_total += k
+        return {"dropped": dropped_total, "grown": grown_total}
+
+    def _gmp_prune(self, density: float) -> dict[str, int]:
+        # Per-layer targets from the distribution rule applied to the scheduled density.
+        targets = (
+            self._distribution(self.shapes, density)
+            if density < 1.0
+            else {n: 1.0 for n in self.shapes}
+        )
+        dropped_total = 0
+        for n, p in self._params.items():
+            m = self.mask[n]
+            target = target_active_count(m.numel(), targets[n])
+            new = magnitude_prune_to(m, magnitude_score(p), target)
+            dropped = m & ~new
+            if bool((new & ~m).any()):
+                raise RuntimeError(f"{n}: GMP must never grow")
+            self.mask[n] = new
+            self._reset_optimizer_state(n, dropped)
+            dropped_total += int(dropped.sum())
+        self._apply()
+        return {"dropped": dropped_total, "grown": 0}
