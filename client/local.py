@@ -75,7 +75,9 @@ def local_round(
     # readjustment round, as in FedDST, so the server sees one mask per client per round.
     rule = "dense" if mask is None else "static"
     dst = DSTConfig(rule=rule, density=cfg.dst_density, distribution=cfg.dst_distribution)
-    controller = DSTController(model, optimizer, dst, total_steps=cfg.local_steps, mask=mask)
+    controller = DSTController(
+        model, optimizer, dst, total_steps=cfg.local_steps, mask=mask, generator=generator
+    )
     fraction = readjust_fraction(cfg, server_round)
     first = cfg.local_steps if fraction is None else max(1, cfg.local_steps // 2)
     res = train_steps(model, controller, optimizer, x, y, first, cfg.local_batch_size, generator)

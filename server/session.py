@@ -8,8 +8,17 @@ from flwr.serverapp import Grid
 
 from server.recorder import StoreRecorder, load_resume_point
 from server.runner import RoundRecord, RunSummary, run_federated
-from server.store import RunStore, StoreError
+from server.store import RunStore
 from tasks.config import LeanfedConfig
+
+
+def effective_config(store: RunStore, cfg: LeanfedConfig) -> LeanfedConfig:
+    """The config a run uses: a resumed run keeps the config it was started with."""
+    if not cfg.resume:
+        return cfg
+    run_id = store.resolve_run_id(cfg.resume)
+    stored = LeanfedConfig.from_run_config({**store.get_run(run_id).config, "resume": ""})
+    return stored.replace(resume=run_id)
 
 
 def run_recorded(
@@ -21,12 +30,11 @@ def run_recorded(
     on_round: Callable[[RoundRecord], None] | None = None,
 ) -> tuple[str, RunSummary]:
     """Run ``cfg`` on ``grid``, committing every round; ``cfg.resume`` continues a stored run."""
+    cfg = effective_config(store, cfg)
     if cfg.resume:
-        run_id = store.resolve_run_id(cfg.resume)
-        stored = LeanfedConfig.from_run_config({**store.get_run(run_id).config, "resume": ""})
-        if stored != cfg.replace(resume=""):
-            raise StoreError(f"run {run_id} was started with a different config; resume uses it as is")
-        point = load_resume_point(store, run_id, stored)
+        run_id = cfg.resume
+        store.reopen_run(run_id)
+        point = load_resume_point(store, run_id, cfg.replace(resume=""))
         start, state, strategy = point.round + 1, point.state, point.strategy
     else:
         run_id = store.create_run(cfg.to_run_config(), seed=cfg.seed, name=name)

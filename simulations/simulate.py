@@ -14,7 +14,7 @@ from rich.table import Table
 
 from client.app import app as client_app
 from server.runner import RoundRecord
-from server.session import run_recorded
+from server.session import effective_config, run_recorded
 from server.store import RunStore, StoreError, resolve_db_url
 from simulations.grid import InProcessGrid
 from tasks.config import ConfigError, LeanfedConfig
@@ -45,8 +45,11 @@ def simulate(
     cfg: LeanfedConfig, db_url: str, *, name: str | None = None, progress: bool = True
 ) -> str:
     """Run one recorded simulation; return its run id."""
-    grid = InProcessGrid(client_app, num_nodes=cfg.num_partitions, run_config=cfg.to_run_config())
     with RunStore(db_url) as store:
+        cfg = effective_config(store, cfg)
+        grid = InProcessGrid(
+            client_app, num_nodes=cfg.num_partitions, run_config=cfg.replace(resume="").to_run_config()
+        )
         bar = Progress(
             TextColumn("[bold]round"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(),

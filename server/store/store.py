@@ -325,6 +325,16 @@ class RunStore:
             run.status = status
             run.finished_at = utcnow()
 
+    def reopen_run(self, run_id: str) -> int:
+        """Set a stopped run back to "running" to resume it; return its last committed round."""
+        with self._session(write=True) as s:
+            run = self._run(s, run_id)
+            if run.status == "completed":
+                raise StoreError(f"run {run_id} already completed; nothing to resume")
+            run.status = "running"
+            run.finished_at = None
+            return int(run.last_round or 0)
+
     def resolve_run_id(self, id_or_prefix: str) -> str:
         """The full id of the run whose id is or starts with `id_or_prefix` (>= 4 chars, unique)."""
         text = id_or_prefix.strip().lower()
