@@ -68,7 +68,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg, model, x, y = _model_and_data(context)
     mask = _receive(msg, context, model)
     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + context.node_id * 7919 + server_round)
+    # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
+    seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
+    gen = torch.Generator().manual_seed(seed)
     out = local_round(model, x, y, cfg, server_round, mask, gen)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if out.mask is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from simulations.deploy import register as register_deploy
 from simulations.runs_cli import register as register_runs
 from simulations.simulate import register as register_simulate
 
@@ -14,6 +15,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write DIR/re
 app.add_typer(bench_app, name="bench")
 register_simulate(app)
 register_runs(app)
+register_deploy(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,458 @@
+"""Continual-learning scenarios on shipped data, split over K clients, with per-task test sets.
+
+Scenarios follow the three standard CL settings (van de Ven & Tolias 2019, "Three
+scenarios for continual learning") and Avalanche's benchmark generators:
+
+- ``split-mnist``: class-incremental Split-MNIST on mnist5k, 5 tasks of 2 digits
+  {0,1},{2,3},...,{8,9}; single head over the 10 original labels.
+- ``permuted-mnist``: domain-incremental; task 0 is the original images, task t >= 1 a
+  seeded fixed pixel permutation (Goodfellow et al. 2013; Kirkpatrick et al. 2017).
+- ``rotated-mnist``: domain-incremental; task t rotates every image by angles[t] degrees
+  (Lopez-Paz & Ranzato 2017) with an affine grid (torch only, no torchvision);
+  multiples of 90 use the exact ``torch.rot90``.
+- ``hospital``: tabular breast-cancer stream split over sites in time order; from
+  experience ``shift_from`` on, a seeded covariate shift (per-feature scale and offset)
+  hits half of the features: a new scanner / lab protocol mid-stream.
+
+Each task's training pool is split over the K clients by a seeded permutation of its
+indices (``np.array_split``: sizes differ by at most one). Clients reach task boundaries
+in round ``boundary_round(client, task)``: all at once by default, or with seeded
+per-client delays (``with_async_arrival``). Transforms run lazily when a client's stream
+materialises an experience, so a client never holds more than its current experience.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from client.stream import ClientStream, Experience
+
+
+class DatasetLike(Protocol):
+    """The fields of ``tasks.datasets.Dataset`` a scenario reads."""
+
+    @property
+    def x_train(self) -> np.ndarray: ...
+    @property
+    def y_train(self) -> np.ndarray: ...
+    @property
+    def x_test(self) -> np.ndarray: ...
+    @property
+    def y_test(self) -> np.ndarray: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+
+Transform = Callable[[int, np.ndarray], np.ndarray]  # (task, x [N, *shape]) -> x' same shape
+
+
+def _load(name: str, seed: int) -> DatasetLike:
+    # Imported lazily: tasks.datasets loads data files; tests inject small arrays instead.
+    from tasks.datasets import load_dataset
+
+    return load_dataset(name, seed=seed)
+
+
+def _identity(task: int, x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def split_indices(pool: np.ndarray, num_clients: int, seed: int, task: int) -> list[np.ndarray]:
+    """Seeded split of one task's pool over clients: sorted index arrays, sizes differ by <= 1."""
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if len(pool) < num_clients:
+        raise ValueError(f"task {task} has {len(pool)} examples, fewer than {num_clients} clients")
+    perm = np.random.default_rng([seed, task]).permutation(pool)
+    return [np.sort(p) for p in np.array_split(perm, num_clients)]
+
+
+def sync_boundaries(num_clients: int, num_tasks: int, rounds_per_task: int) -> np.ndarray:
+    """[K, T] rounds (1-based): every client starts task t in round 1 + t * rounds_per_task."""
+    if rounds_per_task < 1:
+        raise ValueError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
+    row = 1 + rounds_per_task * np.arange(num_tasks, dtype=np.int64)
+    return np.tile(row, (num_clients, 1))
+
+
+def async_boundaries(
+    num_clients: int, num_tasks: int, rounds_per_task: int, max_delay: int, seed: int
+) -> np.ndarray:
+    """[K, T] rounds with a seeded delay d[k, t] ~ U{0..max_delay} per client and task >= 1.
+
+    boundary[k, t] = 1 + t * rounds_per_task + d[k, t]; task 0 starts in round 1 for all.
+    max_delay < rounds_per_task keeps every client's boundaries strictly increasing.
+    """
+    if not 0 <= max_delay < rounds_per_task:
+        raise ValueError(
+            f"max_delay must be in [0, rounds_per_task={rounds_per_task}), got {max_delay}"
+        )
+    base = sync_boundaries(num_clients, num_tasks, rounds_per_task)
+    delay = np.random.default_rng([seed, 0xA5]).integers(
+        0, max_delay + 1, size=(num_clients, num_tasks)
+    )
+    delay[:, 0] = 0
+    return base + delay
+
+
+@dataclass(frozen=True, eq=False)
+class Scenario:
+    """Per-task data pools split over clients, lazy transforms, per-task test sets."""
+
+    name: str
+    setting: str  # "class-incremental" | "domain-incremental"
+    data: DatasetLike
+    task_classes: tuple[tuple[int, ...], ...]  # [T] classes of each task
+    train_pools: tuple[np.ndarray, ...]  # [T] indices into data.x_train
+    test_pools: tuple[np.ndarray, ...]  # [T] indices into data.x_test
+    client_indices: tuple[tuple[np.ndarray, ...], ...]  # [K][T] indices into data.x_train
+    boundaries: np.ndarray  # [K, T] round in which client k starts task t
+    transform: Transform = _identity
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_indices)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.data.num_classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.input_shape)
+
+    def boundary_round(self, client: int, task: int) -> int:
+        """Server round in which ``client`` starts experience ``task``."""
+        self._check(client, task)
+        return int(self.boundaries[client, task])
+
+    def _check(self, client: int, task: int) -> None:
+        if not 0 <= client < self.num_clients:
+            raise IndexError(f"client {client} outside {self.num_clients} clients")
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} outside {self.num_tasks} tasks")
+
+    def _materialise(self, task: int, x: np.ndarray, y: np.ndarray) -> Experience:
+        xt = self.transform(task, x).astype(np.float32, copy=False)
+        return Experience(
+            task_id=task,
+            x=torch.from_numpy(np.ascontiguousarray(xt)),
+            y=torch.from_numpy(y.astype(np.int64)),
+            classes=self.task_classes[task],
+        )
+
+    def client_experience(self, client: int, task: int) -> Experience:
+        """Client ``client``'s share of task ``task`` (transform applied)."""
+        self._check(client, task)
+        ix = self.client_indices[client][task]
+        return self._materialise(task, self.data.x_train[ix], self.data.y_train[ix])
+
+    def stream(self, client: int) -> ClientStream:
+        """The lazy stream of one client, with its round boundaries."""
+        self._check(client, 0)
+        return ClientStream(
+            lambda t: self.client_experience(client, t),
+            self.num_tasks,
+            boundaries=[int(b) for b in self.boundaries[client]],
+        )
+
+    def streams(self) -> list[ClientStream]:
+        return [self.stream(k) for k in range(self.num_clients)]
+
+    def test_set(self, task: int) -> Experience:
+        """Task ``task``'s test set, for column ``task`` of the accuracy matrix."""
+        self._check(0, task)
+        ix = self.test_pools[task]
+        return self._materialise(task, self.data.x_test[ix], self.data.y_test[ix])
+
+    def with_async_arrival(self, rounds_per_task: int, max_delay: int, seed: int) -> Scenario:
+        """Same data; clients reach boundaries with seeded per-client delays."""
+        b = async_boundaries(self.num_clients, self.num_tasks, rounds_per_task, max_delay, seed)
+        return replace(self, boundaries=b)
+
+
+def _build(
+    name: str,
+    setting: str,
+    data: DatasetLike,
+    task_classes: Sequence[Sequence[int]],
+    train_pools: Sequence[np.ndarray],
+    test_pools: Sequence[np.ndarray],
+    num_clients: int,
+    seed: int,
+    rounds_per_task: int,
+    transform: Transform = _identity,
+) -> Scenario:
+    per_task = [split_indices(p, num_clients, seed, t) for t, p in enumerate(train_pools)]
+    clients = tuple(tuple(per_task[t][k] for t in range(len(per_task))) for k in range(num_clients))
+    return Scenario(
+        name=name,
+        setting=setting,
+        data=data,
+        task_classes=tuple(tuple(int(c) for c in cs) for cs in task_classes),
+        train_pools=tuple(train_pools),
+        test_pools=tuple(test_pools),
+        client_indices=clients,
+        boundaries=sync_boundaries(num_clients, len(task_classes), rounds_per_task),
+        transform=transform,
+    )
+
+
+# -- class-incremental -----------------------------------------------------------------
+
+
+def split_mnist(
+    num_clients: int,
+    seed: int = 0,
+    *,
+    dataset: str = "mnist5k",
+    task_classes: Sequence[Sequence[int]] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)),
+    rounds_per_task: int = 1,
+    data: DatasetLike | None = None,
+) -> Scenario:
+    """Class-incremental: task t holds exactly the examples whose label is in task_classes[t]."""
+    data = _load(dataset, seed) if data is None else data
+    flat = [c for cs in task_classes for c in cs]
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"task_classes must be disjoint, got {task_classes}")
+    if any(not 0 <= c < data.num_classes for c in flat):
+        raise ValueError(f"task_classes {task_classes} outside 0..{data.num_classes - 1}")
+    train = [np.flatnonzero(np.isin(data.y_train, cs)) for cs in task_classes]
+    test = [np.flatnonzero(np.isin(data.y_test, cs)) for cs in task_classes]
+    return _build(
+        "split-mnist",
+        "class-incremental",
+        data,
+        task_classes,
+        train,
+        test,
+        num_clients,
+        seed,
+        rounds_per_task,
+    )
+
+
+# -- domain-incremental ----------------------------------------------------------------
+
+
+def _all_classes(data: DatasetLike, num_tasks: int) -> list[tuple[int, ...]]:
+    return [tuple(range(data.num_classes))] * num_tasks
+
+
+def pixel_permutations(num_features: int, num_tasks: int, seed: int) -> np.ndarray:
+    """[T, F] permutations: row 0 the identity, row t >= 1 seeded by (seed, t)."""
+    rows = [np.arange(num_features)]
+    rows += [
+        np.random.default_rng([seed, 0x9E, t]).permutation(num_features)
+        for t in range(1, num_tasks)
+    ]
+    return np.stack(rows)
+
+
+def permuted_mnist(
+    num_clients: int,
+    seed: int = 0,
+    *,
+    num_tasks: int = 4,
+    dataset: str = "mnist5k",
+    rounds_per_task: int = 1,
+    data: DatasetLike | None = None,
+) -> Scenario:
+    """Domain-incremental: every task uses all images, task t permutes pixels with perms[t]."""
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    data = _load(dataset, seed) if data is None else data
+    shape = tuple(data.input_shape)
+    perms = pixel_permutations(math.prod(shape), num_tasks, seed)
+
+    def permute(task: int, x: np.ndarray) -> np.ndarray:
+        flat = x.reshape(x.shape[0], -1)  # [N, F]
+        return flat[:, perms[task]].reshape(x.shape)
+
+    train = [np.arange(len(data.y_train))] * num_tasks
+    test = [np.arange(len(data.y_test))] * num_tasks
+    return _build(
+        "permuted-mnist",
+        "domain-incremental",
+        data,
+        _all_classes(data, num_tasks),
+        train,
+        test,
+        num_clients,
+        seed,
+        rounds_per_task,
+        permute,
+    )
+
+
+def rotate_images(x: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate [N, C, H, W] images counter-clockwise by ``degrees`` (bilinear, zero fill).
+
+    Multiples of 90 use torch.rot90 (exact, no interpolation); others an affine grid:
+    output pixel at normalised (u, v) samples input at R(theta) (u, v).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"rotate_images needs [N, C, H, W], got shape {x.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if degrees % 90 == 0:
+        return torch.rot90(t, int(degrees // 90) % 4, dims=(-2, -1)).numpy()
+    a = math.radians(degrees)
+    theta = torch.tensor(
+        [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=torch.float32
+    ).expand(t.shape[0], 2, 3)  # [N, 2, 3]
+    grid = F.affine_grid(theta, list(t.shape), align_corners=False)  # [N, H, W, 2]
+    out = F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.numpy()
+
+
+def rotated_mnist(
+    num_clients: int,
+    seed: int = 0,
+    *,
+    angles: Sequence[float] = (0.0, 30.0, 60.0, 90.0),
+    dataset: str = "mnist5k",
+    rounds_per_task: int = 1,
+    data: DatasetLike | None = None,
+) -> Scenario:
+    """Domain-incremental: task t shows every image rotated by angles[t] degrees."""
+    if not angles:
+        raise ValueError("rotated_mnist needs at least one angle")
+    data = _load(dataset, seed) if data is None else data
+    if len(tuple(data.input_shape)) != 3:
+        raise ValueError(f"rotated_mnist needs image inputs (C, H, W), got {data.input_shape}")
+    angle_list = [float(a) for a in angles]
+
+    def rotate(task: int, x: np.ndarray) -> np.ndarray:
+        return rotate_images(x, angle_list[task])
+
+    n = len(angle_list)
+    train = [np.arange(len(data.y_train))] * n
+    test = [np.arange(len(data.y_test))] * n
+    return _build(
+        "rotated-mnist",
+        "domain-incremental",
+        data,
+        _all_classes(data, n),
+        train,
+        test,
+        num_clients,
+        seed,
+        rounds_per_task,
+        rotate,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class CovariateShift:
+    """x[:, features] -> x[:, features] * scale + offset, applied from task ``start`` on."""
+
+    start: int
+    features: np.ndarray  # [M] feature indices (sorted)
+    scale: np.ndarray  # [M]
+    offset: np.ndarray  # [M]
+
+    def __call__(self, task: int, x: np.ndarray) -> np.ndarray:
+        if task < self.start:
+            return x
+        out = np.array(x, dtype=np.float32, copy=True)
+        out[:, self.features] = out[:, self.features] * self.scale + self.offset
+        return out
+
+
+def make_covariate_shift(
+    num_features: int, start: int, fraction: float, magnitude: float, seed: int
+) -> CovariateShift:
+    """Seeded shift of round(fraction * F) features: scale = exp(N(0, 0.25 m)), offset ~ N(0, m)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"shift fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng([seed, 0xC5])
+    m = max(1, round(fraction * num_features))
+    feats = np.sort(rng.choice(num_features, size=m, replace=False))
+    scale = np.exp(rng.normal(0.0, 0.25 * magnitude, size=m)).astype(np.float32)
+    offset = rng.normal(0.0, magnitude, size=m).astype(np.float32)
+    return CovariateShift(start, feats, scale, offset)
+
+
+def hospital_stream(
+    num_clients: int,
+    seed: int = 0,
+    *,
+    num_experiences: int = 4,
+    shift_from: int = 2,
+    shift_fraction: float = 0.5,
+    shift_magnitude: float = 1.0,
+    dataset: str = "breast_cancer",
+    rounds_per_task: int = 1,
+    data: DatasetLike | None = None,
+) -> Scenario:
+    """Sites see disjoint time-ordered chunks of patients; covariates shift from shift_from on.
+
+    The training set is cut into ``num_experiences`` consecutive chunks of a seeded
+    permutation (patients arriving over time), each chunk split over the sites. Every
+    experience is tested on the whole test set under that experience's covariates, so a
+    column j >= shift_from measures accuracy on the shifted population.
+    """
+    if num_experiences < 1:
+        raise ValueError(f"num_experiences must be >= 1, got {num_experiences}")
+    if not 0 <= shift_from <= num_experiences:
+        raise ValueError(f"shift_from must be in [0, {num_experiences}], got {shift_from}")
+    data = _load(dataset, seed) if data is None else data
+    if len(tuple(data.input_shape)) != 1:
+        raise ValueError(f"hospital_stream needs tabular inputs (F,), got {data.input_shape}")
+    shift = make_covariate_shift(
+        int(data.input_shape[0]), shift_from, shift_fraction, shift_magnitude, seed
+    )
+    order = np.random.default_rng([seed, 0x40]).permutation(len(data.y_train))
+    train = [np.sort(c) for c in np.array_split(order, num_experiences)]
+    test = [np.arange(len(data.y_test))] * num_experiences
+    return _build(
+        "hospital",
+        "domain-incremental",
+        data,
+        _all_classes(data, num_experiences),
+        train,
+        test,
+        num_clients,
+        seed,
+        rounds_per_task,
+        shift,
+    )
+
+
+SCENARIOS: dict[str, Callable[..., Scenario]] = {
+    "split-mnist": split_mnist,
+    "permuted-mnist": permuted_mnist,
+    "rotated-mnist": rotated_mnist,
+    "hospital": hospital_stream,
+}
+
+
+def make_scenario(
+    name: str,
+    num_clients: int,
+    seed: int = 0,
+    *,
+    rounds_per_task: int = 1,
+    async_max_delay: int = 0,
+    **kwargs: object,
+) -> Scenario:
+    """Build a named scenario; ``async_max_delay > 0`` adds seeded asynchronous arrival."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; choose one of {sorted(SCENARIOS)}")
+    scenario = SCENARIOS[name](num_clients, seed, rounds_per_task=rounds_per_task, **kwargs)
+    if async_max_delay > 0:
+        scenario = scenario.with_async_arrival(rounds_per_task, async_max_delay, seed)
+    return scenario

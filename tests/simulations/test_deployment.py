@@ -1,0 +1,197 @@
+"""A real localhost deployment: TLS SuperLink with SuperNode auth, two sites, `flwr run`.
+
+Each SuperNode is a "site" that reads only its own NPZ file (``--node-config
+data-path=...``), authenticates with its own EC key registered through
+``flwr supernode register``, and trusts the SuperLink through our generated CA. A third
+SuperNode whose key was never registered must be refused. Every process is started in
+its own session and stopped by pid in ``finally``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulations import deploy
+
+REPO = Path(__file__).resolve().parents[2]
+CONNECTION = "site-link"
+DATASET = "digits"  # sklearn's 8x8 digits: shipped with sklearn, small enough for 2 cores
+RUN_CONFIG = [
+    f"num-server-rounds=1 local.steps=2 num-partitions=2 min-train-nodes=2 fraction-train=1.0 "
+    f'dataset="{DATASET}" model="mlp"'
+]
+RUN_TIMEOUT_S = 180.0
+
+
+def _flower_installed() -> bool:
+    bin_dir = Path(sys.executable).parent
+    return all(
+        (bin_dir / exe).exists() or shutil.which(exe) is not None
+        for exe in ("flwr", "flower-superlink", "flower-supernode", "flower-superexec")
+    )
+
+
+def write_site_files(out: Path, dataset: str, sites: int) -> list[Path]:
+    """Split a shipped dataset into per-site NPZ files (keys x_train, y_train, x_test, y_test).
+
+    Round-robin over the label-sorted order so every site holds every class, as the
+    server builds its model for the dataset's full label set.
+    """
+    from tasks.datasets import load_dataset
+
+    ds = load_dataset(dataset, seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    tr, te = np.argsort(ds.y_train, kind="stable"), np.argsort(ds.y_test, kind="stable")
+    paths = []
+    for i in range(sites):
+        path = out / f"site-{i}.npz"
+        np.savez(
+            path,
+            x_train=ds.x_train[tr[i::sites]],
+            y_train=ds.y_train[tr[i::sites]],
+            x_test=ds.x_test[te[i::sites]],
+            y_test=ds.y_test[te[i::sites]],
+        )
+        paths.append(path)
+    return paths
+
+
+def _register(public_key: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["flwr", "supernode", "register", str(public_key), CONNECTION],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _logs(work: Path) -> str:
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(work.glob("*.log"))
+    )
+
+
+def deploy_and_run(
+    app_src: Path,
+    work: Path,
+    node_configs: list[dict[str, object]],
+    run_config: list[str],
+) -> dict[str, object]:
+    """Bring up a TLS + node-auth federation on localhost, run the app once, tear it down.
+
+    Returns what the assertions need: the flwr run result, the run status, and the exit
+    code and log of the unregistered SuperNode.
+    """
+    home = work / "flwr-home"
+    env = deploy.flwr_env(home)
+    # The ServerApp records the run; keep its SQLite store out of the repository.
+    env["LEANFED_DB_URL"] = f"sqlite:///{work / 'runs.db'}"
+    tls = deploy.generate_tls(work / "certs")
+    keys = deploy.generate_node_keys(work / "keys", len(node_configs) + 1)
+    app = deploy.copy_app(app_src, work / "app")
+    port = deploy.free_port()
+    address = f"127.0.0.1:{port}"
+    deploy.write_connection(home, CONNECTION, address, root_certificates=tls.ca_cert)
+
+    procs: list[subprocess.Popen[bytes]] = []
+    out: dict[str, object] = {}
+    try:
+        superlink = deploy.start_process(
+            deploy.superlink_command(port, tls, supernode_auth=True),
+            work / "superlink.log",
+            env=env,
+            cwd=work,
+        )
+        procs.append(superlink)
+        deploy.wait_for_health(address, ca_cert=tls.ca_cert, proc=superlink, timeout=60)
+
+        for pair in keys[:-1]:
+            reg = _register(pair.public_key, env)
+            assert reg.returncode == 0, reg.stdout + reg.stderr + _logs(work)
+            assert "registered successfully" in reg.stdout, reg.stdout
+
+        for i, (pair, node_config) in enumerate(zip(keys[:-1], node_configs, strict=True)):
+            cmd = deploy.supernode_command(
+                address,
+                deploy.free_port(),
+                node_config,
+                ca_cert=tls.ca_cert,
+                private_key=pair.private_key,
+            )
+            procs.append(deploy.start_process(cmd, work / f"supernode-{i}.log", env=env, cwd=work))
+
+        # The intruder: valid TLS trust, but its public key was never registered.
+        intruder = deploy.start_process(
+            deploy.supernode_command(
+                address,
+                deploy.free_port(),
+                {"data-path": str(work / "nowhere.npz")},
+                ca_cert=tls.ca_cert,
+                private_key=keys[-1].private_key,
+                max_retries=0,
+                max_wait_time=20,
+            ),
+            work / "supernode-unregistered.log",
+            env=env,
+            cwd=work,
+        )
+        procs.append(intruder)
+        try:
+            out["intruder_code"] = intruder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            out["intruder_code"] = None
+
+        cmd = ["flwr", "run", str(app), CONNECTION, "--stream"]
+        for item in run_config:
+            cmd += ["--run-config", item]
+        result = deploy.run_logged(
+            cmd, work / "flwr-run.log", env=env, timeout=RUN_TIMEOUT_S, cwd=work
+        )
+        out["result"] = result
+        out["status"] = (
+            deploy.run_status(CONNECTION, deploy.started_run_id(result.output), env=env)
+            if result.returncode == 0
+            else "not started"
+        )
+    finally:
+        for proc in reversed(procs):
+            deploy.stop_process(proc)
+    out["intruder_log"] = (work / "supernode-unregistered.log").read_text(errors="replace")
+    out["superlink_log"] = (work / "superlink.log").read_text(errors="replace")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+@pytest.mark.skipif(not _flower_installed(), reason="Flower CLI executables not installed")
+def test_tls_deployment_with_supernode_auth(tmp_path: Path) -> None:
+    sites = write_site_files(tmp_path / "sites", DATASET, 2)
+    # No partition-id in the node config: a ClientApp that ignored data-path would raise
+    # (client/data.py), so two accepted replies mean each site trained on its own file.
+    out = deploy_and_run(
+        REPO, tmp_path, [{"data-path": str(p)} for p in sites], run_config=RUN_CONFIG
+    )
+    result = out["result"]
+    assert isinstance(result, deploy.CliResult)
+    assert result.returncode == 0, _logs(tmp_path)
+    assert out["status"] == "finished:completed", _logs(tmp_path)
+    # leanfed's strategy logs its aggregated MetricRecord: both replies accepted, none rejected.
+    assert "'num_accepted': 2" in result.output, _logs(tmp_path)
+    assert "'num_rejected': 0" in result.output, _logs(tmp_path)
+    assert "rejected node" not in result.output, _logs(tmp_path)
+    for i in range(2):
+        site_log = (tmp_path / f"supernode-{i}.log").read_text(errors="replace")
+        assert "Sent successfully" in site_log, _logs(tmp_path)
+
+    # The unregistered SuperNode is refused at activation and gives up.
+    assert out["intruder_code"] not in (None, 0), _logs(tmp_path)
+    assert "Failed to activate SuperNode" in str(out["intruder_log"]), _logs(tmp_path)
+    assert "No SuperNode found with the given public key" in str(out["superlink_log"])
