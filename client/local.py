@@ -49,7 +49,11 @@ def dense_grad_scores(
     model.zero_grad(set_to_none=True)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    scores = {n: params[n].grad.detach().abs().clone() for n in names if params[n].grad is not None}
+    scores: dict[str, torch.Tensor] = {}
+    for n in names:
+        grad = params[n].grad
+        if grad is not None:
+            scores[n] = grad.detach().abs().clone()
     model.zero_grad(set_to_none=True)
     return scores
 

@@ -79,7 +79,7 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
         "min_available_nodes": cfg.min_train_nodes,
     }
     if cfg.strategy == "flower-fedavg":
-        return ByteCountingFedAvg(**sampling)  # type: ignore[arg-type]
+        return ByteCountingFedAvg(**sampling)
     dynamic = cfg.dst_rule in ("set", "rigl")
     return SparseFedAvg(
         density=1.0 if cfg.dst_rule == "dense" else cfg.dst_density,

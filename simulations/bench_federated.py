@@ -1,4 +1,4 @@
-"""`leanfed bench federated`: Flower FedAvg (dense) vs sparse static vs FedDST, one harness, one engine.
+"""`leanfed bench federated`: Flower FedAvg vs sparse static vs FedDST on one harness and engine.
 
 Every run drives the real ServerApp strategy and ClientApp through the same in-process
 Grid (real Flower serde on every message), so accuracy, bytes and round wall time are
@@ -52,7 +52,9 @@ def arm_config(arm: Arm, base: LeanfedConfig) -> LeanfedConfig:
     if arm.strategy == "flower-fedavg":
         return base.replace(strategy="flower-fedavg", dst_rule="dense", dst_density=1.0)
     return base.replace(
-        strategy="sparse", dst_rule=arm.rule, dst_density=arm.density,
+        strategy="sparse",
+        dst_rule=arm.rule,
+        dst_density=arm.density,
         codec_upload_dtype=arm.upload_dtype,
     )
 
@@ -62,11 +64,20 @@ def base_config(
 ) -> LeanfedConfig:
     model = {"mnist5k": "cnn", "digits": "cnn", "breast_cancer": "mlp"}.get(dataset, "cnn")
     return LeanfedConfig(
-        num_server_rounds=rounds, seed=seed, dataset=dataset, model=model,
-        partition_scheme="dirichlet", partition_alpha=alpha, num_partitions=clients,
-        fraction_train=0.5, min_train_nodes=max(1, clients // 2),
-        local_steps=4 if quick else 20, local_batch_size=32, local_lr=0.05,
-        dst_mask_round_interval=1, dst_drop_fraction=0.3,
+        num_server_rounds=rounds,
+        seed=seed,
+        dataset=dataset,
+        model=model,
+        partition_scheme="dirichlet",
+        partition_alpha=alpha,
+        num_partitions=clients,
+        fraction_train=0.5,
+        min_train_nodes=max(1, clients // 2),
+        local_steps=4 if quick else 20,
+        local_batch_size=32,
+        local_lr=0.05,
+        dst_mask_round_interval=1,
+        dst_drop_fraction=0.3,
     )
 
 
@@ -76,7 +87,9 @@ def _median(xs: list[float]) -> float:
     return 0.0 if n == 0 else (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2)
 
 
-def row_for(arm: Arm, cfg: LeanfedConfig, summary: RunSummary, grid: InProcessGrid) -> dict[str, Any]:
+def row_for(
+    arm: Arm, cfg: LeanfedConfig, summary: RunSummary, grid: InProcessGrid
+) -> dict[str, Any]:
     walls = [r.wall_s for r in summary.rounds]
     return {
         "strategy": arm.strategy,
@@ -228,5 +241,6 @@ def register(bench_app: typer.Typer) -> None:
             console.print(
                 f"{r['strategy']:15s} {r['rule']:6s} d={r['density']:<4} {r['upload_dtype']}"
                 f"  acc={r['final_accuracy']:.4f}  up={r['upload_bytes'] / 1e6:.2f}MB"
-                f"  down={r['download_bytes'] / 1e6:.2f}MB  med_round={r['median_round_wall_s']:.2f}s"
+                f"  down={r['download_bytes'] / 1e6:.2f}MB"
+                f"  med_round={r['median_round_wall_s']:.2f}s"
             )

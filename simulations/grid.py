@@ -8,6 +8,7 @@ are those of the serialized records, not estimates. Per-node ``Context`` objects
 
 from __future__ import annotations
 
+import random
 import time
 import traceback
 from collections.abc import Iterable
@@ -18,7 +19,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # type: ignore[attr-defined]
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
@@ -56,14 +57,17 @@ class InProcessGrid(Grid):
         num_nodes: int,
         run_config: dict[str, bool | float | int | str] | None = None,
         run_id: int = 1,
-        node_id_offset: int = 1000,
+        node_id_seed: int = 0,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         self.client_app = client_app
         self.run_config = dict(run_config or {})
         self._run = _make_run(run_id, self.run_config)
-        self.node_ids = [node_id_offset + i for i in range(num_nodes)]
+        # Real SuperNode ids are random unsigned 64-bit numbers; use ids of that size too so
+        # code that assumes small ids fails here, not in a deployment.
+        rng = random.Random(node_id_seed)
+        self.node_ids = [rng.getrandbits(64) | (1 << 63) for _ in range(num_nodes)]
         # Flower's simulation engine gives each node these two node_config keys.
         self.contexts = {
             nid: Context(
@@ -134,7 +138,9 @@ class InProcessGrid(Grid):
             out = self.client_app(delivered, context)
         except Exception as exc:  # a failing client becomes an error reply, as in Flower
             reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=original)
+            return Message(
+                Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=original
+            )
         if out.has_error():
             return Message(out.error, reply_to=original)
         content, n_recv = _roundtrip(out.content)

@@ -1,4 +1,4 @@
-"""`leanfed simulate`: the main job. Real ServerApp/ClientApp code on an in-process Grid, recorded."""
+"""`leanfed simulate`: the main job; the real ServerApp/ClientApp code on an in-process Grid."""
 
 from __future__ import annotations
 
@@ -48,19 +48,26 @@ def simulate(
     with RunStore(db_url) as store:
         cfg = effective_config(store, cfg)
         grid = InProcessGrid(
-            client_app, num_nodes=cfg.num_partitions, run_config=cfg.replace(resume="").to_run_config()
+            client_app,
+            num_nodes=cfg.num_partitions,
+            run_config=cfg.replace(resume="").to_run_config(),
         )
         bar = Progress(
-            TextColumn("[bold]round"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-            console=console, disable=not progress,
+            TextColumn("[bold]round"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not progress,
         )
         with bar:
             task = bar.add_task("rounds", total=cfg.num_server_rounds, info="")
 
             def on_round(rec: RoundRecord) -> None:
                 bar.update(
-                    task, completed=rec.round,
+                    task,
+                    completed=rec.round,
                     info=f"acc {rec.accuracy:.3f}  up {rec.upload_bytes / 1e6:.2f} MB",
                 )
 
@@ -70,8 +77,13 @@ def simulate(
             table.add_column(col, justify="right")
         for r in summary.rounds:
             table.add_row(
-                str(r.round), f"{r.accuracy:.4f}", f"{r.loss:.4f}", f"{r.upload_bytes / 1e6:.3f}",
-                f"{r.download_bytes / 1e6:.3f}", f"{r.density:.3f}", f"{r.wall_s:.2f}",
+                str(r.round),
+                f"{r.accuracy:.4f}",
+                f"{r.loss:.4f}",
+                f"{r.upload_bytes / 1e6:.3f}",
+                f"{r.download_bytes / 1e6:.3f}",
+                f"{r.density:.3f}",
+                f"{r.wall_s:.2f}",
             )
         Console().print(table)
         console.print(f"stored in {store.url}; see `leanfed runs show {run_id}`")
@@ -87,13 +99,19 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option("--config", help="TOML file of run-config overrides")
         ] = None,
         db: Annotated[
-            str | None, typer.Option("--db", help="database URL (default: LEANFED_DB_URL, ./leanfed.db)")
+            str | None,
+            typer.Option("--db", help="database URL (default: LEANFED_DB_URL, ./leanfed.db)"),
         ] = None,
         resume: Annotated[
-            str | None, typer.Option("--resume", help="continue RUN_ID from its last committed round")
+            str | None,
+            typer.Option("--resume", help="continue RUN_ID from its last committed round"),
         ] = None,
-        rounds: Annotated[int | None, typer.Option("--rounds", help="override num-server-rounds")] = None,
-        clients: Annotated[int | None, typer.Option("--clients", help="override num-partitions")] = None,
+        rounds: Annotated[
+            int | None, typer.Option("--rounds", help="override num-server-rounds")
+        ] = None,
+        clients: Annotated[
+            int | None, typer.Option("--clients", help="override num-partitions")
+        ] = None,
         name: Annotated[str | None, typer.Option("--name", help="a label for the run")] = None,
         no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
     ) -> None:

@@ -1,1 +1,1 @@
-"""Reference tasks (models, dataset registry) shared by client and server, hence their own package."""
+"""Reference tasks (models, datasets, partitions, run config) shared by client and server."""

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a model (loss, accuracy); in tasks/ so the server and the client share it."""
+"""Held-out evaluation (loss, accuracy); in tasks/ so the server and the client share it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seeded client partitioners (IID, Dirichlet, label shards); in tasks/ so the ClientApp can resolve its own partition."""
+"""Seeded partitioners (IID, Dirichlet, shards); in tasks/ so a ClientApp can find its own."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def dirichlet(
 def label_shards(
     labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int
 ) -> Partition:
-    """Sort by label, cut into equal shards, deal each client ``shards_per_client`` (McMahan 2017)."""
+    """Sort by label, cut equal shards, deal ``shards_per_client`` to each (McMahan 2017)."""
     _check(num_clients, len(labels))
     n_shards = num_clients * shards_per_client
     if n_shards > len(labels):
@@ -86,7 +86,11 @@ def label_shards(
 
 
 def make_partition(
-    scheme: str, labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.5,
+    scheme: str,
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    alpha: float = 0.5,
     shards_per_client: int = 2,
 ) -> Partition:
     """Partition by scheme name: "iid", "dirichlet" or "shards"."""

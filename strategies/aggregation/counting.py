@@ -30,7 +30,9 @@ class ByteCountingFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        down = sum(arrayrecord_bytes(m.content[self.arrayrecord_key]) for m in messages)
+        down = sum(
+            arrayrecord_bytes(m.content.array_records[self.arrayrecord_key]) for m in messages
+        )
         self.bytes_log[server_round] = {"upload": 0, "download": down}
         return messages
 

@@ -14,13 +14,22 @@ from simulations.grid import InProcessGrid
 from tasks.config import ConfigError, LeanfedConfig
 
 TINY = LeanfedConfig(
-    num_server_rounds=2, dataset="digits", model="mlp", num_partitions=4, min_train_nodes=2,
-    local_steps=3, local_batch_size=16, dst_density=0.2, seed=1,
+    num_server_rounds=2,
+    dataset="digits",
+    model="mlp",
+    num_partitions=4,
+    min_train_nodes=2,
+    local_steps=3,
+    local_batch_size=16,
+    dst_density=0.2,
+    seed=1,
 )
 
 
 def _context(cfg: LeanfedConfig) -> Context:
-    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    return Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_run_config()
+    )
 
 
 def test_serverapp_records_every_round(tmp_path, monkeypatch) -> None:
@@ -57,8 +66,10 @@ def test_sparse_run_keeps_density_and_zeros_off_mask() -> None:
     assert len(summary.rounds) == 2
     state = summary.final_state
     assert state is not None
-    w = state["net.0.weight"] if "net.0.weight" in state else next(
-        v for k, v in state.items() if v.dim() == 2
+    w = (
+        state["net.0.weight"]
+        if "net.0.weight" in state
+        else next(v for k, v in state.items() if v.dim() == 2)
     )
     density = float((w != 0).float().mean())
     assert density <= 0.2 * 1.6 + 1e-6  # ERK may give this layer more than the global 0.2

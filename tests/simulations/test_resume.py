@@ -1,4 +1,4 @@
-"""Crash-safe resume: SIGKILL the server after round k, resume, and match an uninterrupted run bit for bit."""
+"""Crash-safe resume: SIGKILL after round k, resume, match an uninterrupted run bit for bit."""
 
 from __future__ import annotations
 

@@ -39,7 +39,9 @@ def test_dirichlet_seeded_and_skewed() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(k=st.integers(1, 20), seed=st.integers(0, 10_000), scheme=st.sampled_from(["iid", "dirichlet"]))
+@given(
+    k=st.integers(1, 20), seed=st.integers(0, 10_000), scheme=st.sampled_from(["iid", "dirichlet"])
+)
 def test_partitions_are_exact_covers(k: int, seed: int, scheme: str) -> None:
     p = make_partition(scheme, LABELS, k, seed, alpha=0.5)
     assert len(p.indices) == k
