@@ -8,10 +8,12 @@ the strategy in :class:`RoundOffset` so rounds keep their absolute numbers.
 
 from __future__ import annotations
 
+import importlib
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -19,8 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.aggregation.counting import ByteCountingFedAvg
+from strategies.aggregation.merge import MergeRule
 from strategies.aggregation.strategy import SparseFedAvg
-from tasks.config import LeanfedConfig
+from tasks.config import ConfigError, LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
 from tasks.models import build_model
@@ -69,6 +72,20 @@ def make_model(cfg: LeanfedConfig, ds: Dataset) -> torch.nn.Module:
     return build_model(cfg.model, tuple(ds.input_shape), ds.num_classes, seed=cfg.seed)
 
 
+def resolve_merge_rule(name: str) -> str | MergeRule:
+    """A built-in rule name, or ``"package.module:function"`` naming a user's own rule."""
+    if ":" not in name:
+        return name
+    module, _, attr = name.partition(":")
+    try:
+        rule = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"aggregation.rule = {name!r}: cannot import it ({exc})") from exc
+    if not callable(rule):
+        raise ConfigError(f"aggregation.rule = {name!r} is not callable")
+    return cast(MergeRule, rule)
+
+
 def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
     """Flower's FedAvg (bytes counted, maths untouched) for the dense baseline, else SparseFedAvg."""
     sampling = {
@@ -86,7 +103,7 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
         distribution=cfg.dst_distribution,
         upload_dtype=cfg.codec_upload_dtype,
         download_dtype=cfg.codec_download_dtype,
-        merge_rule=cfg.aggregation_rule,
+        merge_rule=resolve_merge_rule(cfg.aggregation_rule),
         trim=cfg.aggregation_trim,
         # FedDST: the server re-votes the mask on the rounds clients readjust theirs.
         mask_update_interval=cfg.dst_mask_round_interval if dynamic else 1,

@@ -23,7 +23,7 @@ from rich.progress import Progress  # noqa: E402
 
 from client.app import app as client_app  # noqa: E402
 from server.runner import RunSummary, run_federated  # noqa: E402
-from simulations.grid import InProcessGrid  # noqa: E402
+from simulations.grid import InProcessGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
 
 console = Console(stderr=True)
@@ -197,6 +197,7 @@ def run_bench(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    quiet_flower()
     n_rounds = rounds if rounds is not None else (3 if quick else 30)
     base = base_config(dataset, seed, clients, n_rounds, alpha, quick)
     rows: list[dict[str, Any]] = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from simulations.bench_centralized import register as register_centralized
+from simulations.bench_federated import register as register_federated
 from simulations.deploy import register as register_deploy
 from simulations.runs_cli import register as register_runs
 from simulations.simulate import register as register_simulate
@@ -13,6 +15,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write DIR/results.json.")
 app.add_typer(bench_app, name="bench")
+register_centralized(bench_app)
+register_federated(bench_app)
 register_simulate(app)
 register_runs(app)
 register_deploy(app)

@@ -8,6 +8,7 @@ are those of the serialized records, not estimates. Per-node ``Context`` objects
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import traceback
@@ -26,6 +27,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 # Error code Flower uses for an exception raised inside a ClientApp.
 CLIENT_APP_RAISED_EXCEPTION = 2
+
+
+def quiet_flower(level: int = logging.WARNING) -> None:
+    """Silence Flower's per-round INFO lines (our progress bars say the same, briefer)."""
+    logging.getLogger("flwr").setLevel(level)
 
 
 def _roundtrip(content: RecordDict) -> tuple[RecordDict, int]:

@@ -16,7 +16,7 @@ from client.app import app as client_app
 from server.runner import RoundRecord
 from server.session import effective_config, run_recorded
 from server.store import RunStore, StoreError, resolve_db_url
-from simulations.grid import InProcessGrid
+from simulations.grid import InProcessGrid, quiet_flower
 from tasks.config import ConfigError, LeanfedConfig
 
 console = Console(stderr=True)
@@ -45,6 +45,8 @@ def simulate(
     cfg: LeanfedConfig, db_url: str, *, name: str | None = None, progress: bool = True
 ) -> str:
     """Run one recorded simulation; return its run id."""
+    if progress:
+        quiet_flower()
     with RunStore(db_url) as store:
         cfg = effective_config(store, cfg)
         grid = InProcessGrid(
