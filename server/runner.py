@@ -9,9 +9,10 @@ the strategy in :class:`RoundOffset` so rounds keep their absolute numbers.
 from __future__ import annotations
 
 import importlib
+import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -23,6 +24,8 @@ from flwr.serverapp.strategy import Strategy
 from strategies.aggregation.counting import ByteCountingFedAvg
 from strategies.aggregation.merge import MergeRule
 from strategies.aggregation.strategy import SparseFedAvg
+from strategies.sparse.density import layer_density_rule
+from strategies.sparse.masks import Mask, random_mask, sparsifiable_shapes
 from tasks.config import ConfigError, LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
@@ -43,6 +46,8 @@ class RoundRecord:
     density: float
     num_rejected: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Continual runs: accuracy on each task's test set (one accuracy-matrix row per round).
+    task_accuracies: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +56,7 @@ class RunSummary:
 
     config: LeanfedConfig
     initial_accuracy: float = 0.0
+    initial_task_accuracies: list[float] = field(default_factory=list)  # b: the init model
     rounds: list[RoundRecord] = field(default_factory=list)
     final_state: dict[str, torch.Tensor] | None = None
 
@@ -86,8 +92,26 @@ def resolve_merge_rule(name: str) -> str | MergeRule:
     return cast(MergeRule, rule)
 
 
+def sparse_init(model: torch.nn.Module, cfg: LeanfedConfig) -> Mask:
+    """Seeded initial mask (ERK/uniform), applied with sparsity-aware rescaling, in place.
+
+    Masking a dense init shrinks each layer's output variance by its density d; scaling
+    the kept weights by 1/sqrt(d) restores it (Evci et al. 2022, "Gradient Flow in Sparse
+    Neural Networks"), so a very sparse start does not sit at chance for rounds.
+    """
+    shapes = sparsifiable_shapes(model)
+    densities = layer_density_rule(cfg.dst_distribution)(shapes, cfg.dst_density)
+    mask = random_mask(shapes, densities, generator=torch.Generator().manual_seed(cfg.seed))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, m in mask.items():
+            d = float(m.sum()) / m.numel()
+            params[name].mul_(m).mul_(1.0 / math.sqrt(d))
+    return mask
+
+
 def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
-    """Flower's FedAvg (bytes counted, maths untouched) for the dense baseline, else SparseFedAvg."""
+    """Flower's FedAvg (bytes counted, maths as is) for the dense baseline, else SparseFedAvg."""
     sampling = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,
@@ -98,6 +122,9 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
     if cfg.strategy == "flower-fedavg":
         return ByteCountingFedAvg(**sampling)
     dynamic = cfg.dst_rule in ("set", "rigl")
+    end_round: int | None = max(1, int(cfg.dst_end_round_fraction * cfg.num_server_rounds))
+    if cfg.cl_scenario != "none":
+        end_round = None  # a stream can switch task in any round: keep re-voting to the end
     return SparseFedAvg(
         density=1.0 if cfg.dst_rule == "dense" else cfg.dst_density,
         distribution=cfg.dst_distribution,
@@ -107,9 +134,7 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
         trim=cfg.aggregation_trim,
         # FedDST: the server re-votes the mask on the rounds clients readjust theirs.
         mask_update_interval=cfg.dst_mask_round_interval if dynamic else 1,
-        mask_update_end_round=(
-            max(1, int(cfg.dst_end_round_fraction * cfg.num_server_rounds)) if dynamic else 0
-        ),
+        mask_update_end_round=end_round if dynamic else 0,
         max_density_tolerance=cfg.aggregation_max_density_tolerance,
         seed=cfg.seed,
         **sampling,  # type: ignore[arg-type]
@@ -117,7 +142,7 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
 
 
 class RoundOffset(Strategy):
-    """Delegates every hook with ``server_round + offset``: a resumed run keeps its round numbers."""
+    """Delegates every hook with ``server_round + offset``: a resumed run keeps round numbers."""
 
     def __init__(self, inner: Strategy, offset: int) -> None:
         self.inner, self.offset = inner, offset
@@ -160,11 +185,14 @@ def run_federated(
     initial_state: dict[str, torch.Tensor] | None = None,
     start_round: int = 1,
     timeout: float = 3600.0,
+    task_tests: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> RunSummary:
     """Run rounds ``start_round..cfg.num_server_rounds`` of the configured strategy on ``grid``.
 
     ``strategy`` and ``initial_state`` let a resumed run continue from a checkpoint;
     ``random`` must already hold the checkpoint's state then (Flower samples with it).
+    ``task_tests`` (continual runs): one (x, y) test set per task; every evaluation then
+    also fills ``task_accuracies``, the accuracy-matrix row of that round.
     """
     ds = load_dataset(cfg.dataset, seed=cfg.seed)
     x_test, y_test = test_tensors(ds)
@@ -173,6 +201,8 @@ def run_federated(
         model.load_state_dict(initial_state)
     if strategy is None:
         strategy = build_strategy(cfg)
+        if isinstance(strategy, SparseFedAvg) and strategy.density < 1.0:
+            strategy.mask = sparse_init(model, cfg)
     if start_round == 1:
         random.seed(cfg.seed)  # Flower's node sampling uses the `random` module
     offset = start_round - 1
@@ -184,8 +214,10 @@ def run_federated(
         wall = time.perf_counter() - clock["t"]
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, x_test, y_test)
+        task_accs = [evaluate(model, tx, ty)[1] for tx, ty in (task_tests or ())]
         if rel_round == 0:
             summary.initial_accuracy = acc
+            summary.initial_task_accuracies = task_accs
         else:
             up, down = _round_bytes(strategy, server_round)
             agg = getattr(strategy, "last_train_metrics", {}) or {}
@@ -200,6 +232,7 @@ def run_federated(
                 density=float(agg.get("density", 1.0)),
                 num_rejected=int(agg.get("num_rejected", 0)),
                 metrics={k: float(v) for k, v in agg.items() if isinstance(v, int | float)},
+                task_accuracies=task_accs,
             )
             summary.rounds.append(rec)
             if on_round is not None:

@@ -25,6 +25,8 @@ from client.app import app as client_app  # noqa: E402
 from server.runner import RunSummary, run_federated  # noqa: E402
 from simulations.grid import InProcessGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
+from tasks.datasets import load_dataset  # noqa: E402
+from tasks.partition import make_partition  # noqa: E402
 
 console = Console(stderr=True)
 
@@ -116,7 +118,18 @@ def row_for(
         "clients_per_round": max(int(cfg.num_partitions * cfg.fraction_train), cfg.min_train_nodes),
         "alpha": cfg.partition_alpha,
         "local_steps": cfg.local_steps,
+        "client_sizes": client_sizes(cfg),
     }
+
+
+def client_sizes(cfg: LeanfedConfig) -> list[int]:
+    """Training examples per client under the run's partition (the heterogeneity reported)."""
+    labels = load_dataset(cfg.dataset, seed=cfg.seed).y_train
+    part = make_partition(
+        cfg.partition_scheme, labels, cfg.num_partitions, cfg.seed, cfg.partition_alpha,
+        cfg.partition_shards,
+    )
+    return part.sizes
 
 
 def accuracy_at_budget(row: dict[str, Any], budget: int) -> float:
