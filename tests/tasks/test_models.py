@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -39,9 +42,14 @@ def test_seeded_init() -> None:
         assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
-def test_gnn_graph_not_in_state_dict() -> None:
+def test_gnn_graph_not_in_state_dict_and_copyable() -> None:
     model = build_model("gnn", (1, 8, 8), 10)
     assert not any("edge_index" in k or "coords" in k for k in model.state_dict())
+    x = torch.rand(3, 1, 8, 8)
+    out = model(x)  # fills the sparse adjacency cache
+    clone = copy.deepcopy(model)
+    assert torch.allclose(clone(x), out)
+    assert torch.allclose(pickle.loads(pickle.dumps(model))(x), out)
 
 
 def test_grid_edges_8_neighbour() -> None:
