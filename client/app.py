@@ -6,8 +6,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.continual import client_stream, continual_round, current_experience, node_seed
 from client.data import local_data
-from client.local import local_evaluate, local_round
+from client.local import RoundOutcome, local_evaluate, local_round
 from strategies import codec
 from strategies.sparse.masks import Mask, pack_mask, unpack_mask
 from tasks.config import LeanfedConfig
@@ -55,7 +56,9 @@ def _receive(msg: Message, context: Context, model: torch.nn.Module) -> Mask | N
     return mask
 
 
-def _model_and_data(context: Context) -> tuple[LeanfedConfig, torch.nn.Module, torch.Tensor, torch.Tensor]:
+def _model_and_data(
+    context: Context,
+) -> tuple[LeanfedConfig, torch.nn.Module, torch.Tensor, torch.Tensor]:
     cfg = _config(context)
     data = local_data(cfg, dict(context.node_config))
     model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
@@ -65,13 +68,17 @@ def _model_and_data(context: Context) -> tuple[LeanfedConfig, torch.nn.Module, t
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train locally under the global mask and reply with values under the client's own mask."""
-    cfg, model, x, y = _model_and_data(context)
-    mask = _receive(msg, context, model)
+    cfg = _config(context)
     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
-    # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
-    seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
-    gen = torch.Generator().manual_seed(seed)
-    out = local_round(model, x, y, cfg, server_round, mask, gen)
+    if cfg.cl_scenario != "none":
+        model, out = _continual_train(msg, context, cfg, server_round)
+    else:
+        cfg, model, x, y = _model_and_data(context)
+        mask = _receive(msg, context, model)
+        # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
+        seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
+        gen = torch.Generator().manual_seed(seed)
+        out = local_round(model, x, y, cfg, server_round, mask, gen)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if out.mask is None:
         arrays = ArrayRecord(state)
@@ -95,13 +102,35 @@ def train(msg: Message, context: Context) -> Message:
             "drift": 0,
         }
     )
+    for key, value in out.extra.items():  # continual clients: drift, task_switch, task_id, ...
+        metrics[key] = value
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _continual_train(
+    msg: Message, context: Context, cfg: LeanfedConfig, server_round: int
+) -> tuple[torch.nn.Module, RoundOutcome]:
+    """The client's data is its stream: restore CL state, advance, regrow/protect, train."""
+    data = client_stream(cfg, dict(context.node_config))
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+    mask = _receive(msg, context, model)
+    seed = node_seed(cfg, context.node_id)
+    gen = torch.Generator().manual_seed((seed + server_round) % (2**63))
+    out = continual_round(model, cfg, server_round, mask, data, context.state, gen, seed)
+    return model, out
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this node's local data."""
-    _, model, x, y = _model_and_data(context)
+    """Evaluate the received global model on this node's local data (its current experience)."""
+    cfg = _config(context)
+    if cfg.cl_scenario != "none":
+        data = client_stream(cfg, dict(context.node_config))
+        model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+        exp = current_experience(data, context.state)
+        x, y = exp.x, exp.y
+    else:
+        _, model, x, y = _model_and_data(context)
     _receive(msg, context, model)
     loss, acc = local_evaluate(model, x, y)
     metrics = MetricRecord({"num-examples": len(x), "eval_loss": loss, "eval_acc": acc})

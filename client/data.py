@@ -28,6 +28,11 @@ def _dataset(name: str, seed: int) -> Dataset:
     return load_dataset(name, seed=seed)
 
 
+def shared_dataset(name: str, seed: int) -> Dataset:
+    """The dataset, parsed once per process (mnist5k's CSV takes seconds to parse)."""
+    return _dataset(name, seed)
+
+
 @lru_cache(maxsize=4)
 def _partition_indices(
     name: str, seed: int, scheme: str, num_partitions: int, alpha: float, shards: int
@@ -51,14 +56,21 @@ def local_data(cfg: LeanfedConfig, node_config: dict[str, bool | float | int | s
         x, y = ds.x_train, ds.y_train
     else:
         if "partition-id" not in node_config:
-            raise ValueError("node_config needs 'partition-id' (simulation) or 'data-path' (deployed)")
+            raise ValueError(
+                "node_config needs 'partition-id' (simulation) or 'data-path' (deployed)"
+            )
         pid = int(node_config["partition-id"])
         n = int(node_config.get("num-partitions", cfg.num_partitions))
         if not 0 <= pid < n:
             raise ValueError(f"partition-id {pid} out of range for {n} partitions")
         ds = _dataset(cfg.dataset, cfg.seed)
         ix = _partition_indices(
-            cfg.dataset, cfg.seed, cfg.partition_scheme, n, cfg.partition_alpha, cfg.partition_shards
+            cfg.dataset,
+            cfg.seed,
+            cfg.partition_scheme,
+            n,
+            cfg.partition_alpha,
+            cfg.partition_shards,
         )[pid]
         x, y = ds.x_train[ix], ds.y_train[ix]
     return LocalData(

@@ -1,9 +1,9 @@
-"""One client round of federated DST: train under the global mask, readjust it (FedDST), train on."""
+"""One client round of federated DST: train under the global mask, readjust it (FedDST), go on."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ class RoundOutcome:
     dropped: int
     grown: int
     mask: Mask | None
+    extra: dict[str, int | float] = field(default_factory=dict)  # e.g. continual metrics
 
 
 def readjust_fraction(cfg: LeanfedConfig, server_round: int) -> float | None:
@@ -97,7 +98,9 @@ def local_round(
         dropped, grown = int(changed.get("dropped", 0)), int(changed.get("grown", 0))
         rest = cfg.local_steps - first
         if rest > 0:
-            res = train_steps(model, controller, optimizer, x, y, rest, cfg.local_batch_size, generator)
+            res = train_steps(
+                model, controller, optimizer, x, y, rest, cfg.local_batch_size, generator
+            )
             losses.append(res.loss * res.steps)
             steps += res.steps
     return RoundOutcome(

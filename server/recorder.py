@@ -108,15 +108,18 @@ class StoreRecorder:
         state = dict(arrays.to_torch_state_dict())
         mask = getattr(strategy, "mask", None)
         clients = [dict(c) for c in getattr(strategy, "round_clients", {}).get(rec.round, [])]
+        # Stream events the clients reported: detected drift and task switches.
         events = [
-            {"kind": "drift", "node_id": c["node_id"], "detail": {"round": rec.round}}
+            {"kind": kind, "node_id": c["node_id"], "detail": _event_detail(rec.round, c)}
+            for kind in ("drift", "task_switch")
             for c in clients
-            if c.get("metrics", {}).get("drift")
+            if c.get("metrics", {}).get(kind)
         ]
+        task_accs = {f"task_acc.{j}": a for j, a in enumerate(rec.task_accuracies)}
         self.store.record_round(
             self.run_id,
             rec.round,
-            metrics={**rec.metrics, "accuracy": rec.accuracy, "loss": rec.loss},
+            metrics={**rec.metrics, **task_accs, "accuracy": rec.accuracy, "loss": rec.loss},
             upload_bytes=rec.upload_bytes,
             download_bytes=rec.download_bytes,
             wall_s=rec.wall_s,
@@ -129,3 +132,11 @@ class StoreRecorder:
             train_loss=rec.train_loss,
             accuracy=rec.accuracy,
         )
+
+
+def _event_detail(server_round: int, client: dict[str, Any]) -> dict[str, Any]:
+    detail: dict[str, Any] = {"round": server_round}
+    task = client.get("metrics", {}).get("task_id")
+    if task is not None:
+        detail["task_id"] = int(task)
+    return detail

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import cast
 
 import torch
@@ -67,6 +68,12 @@ class RunSummary:
 
 # (record of the finished round, the strategy, the new global arrays) -> None
 RoundCallback = Callable[[RoundRecord, Strategy, ArrayRecord], None]
+
+
+@lru_cache(maxsize=4)
+def _dataset(name: str, seed: int) -> Dataset:
+    # Parsed once per server process: a benchmark runs several methods on one dataset.
+    return load_dataset(name, seed=seed)
 
 
 def test_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +201,7 @@ def run_federated(
     ``task_tests`` (continual runs): one (x, y) test set per task; every evaluation then
     also fills ``task_accuracies``, the accuracy-matrix row of that round.
     """
-    ds = load_dataset(cfg.dataset, seed=cfg.seed)
+    ds = _dataset(cfg.dataset, cfg.seed)
     x_test, y_test = test_tensors(ds)
     model = make_model(cfg, ds)
     if initial_state is not None:

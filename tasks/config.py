@@ -1,4 +1,4 @@
-"""The frozen, validated run config; in tasks/ because the ServerApp and the ClientApp both parse it."""
+"""The frozen, validated run config; in tasks/ because the ServerApp and ClientApp both parse it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 VALUE_DTYPES = ("fp32", "fp16", "int8")
 DISTRIBUTIONS = ("erk", "uniform")
 OPTIMIZERS = ("sgd", "adam")
+CL_SCENARIOS = ("none", "split-mnist", "permuted-mnist", "rotated-mnist", "hospital")
+DRIFT_DETECTORS = ("adwin", "ddm", "both", "none")  # strategies.continual.drift.DETECTORS
 
 
 class ConfigError(ValueError):
@@ -60,9 +62,16 @@ class LeanfedConfig:
     aggregation_trim: float = 0.2
     aggregation_max_density_tolerance: float = 0.05
     # continual learning
-    cl_scenario: str = "none"
+    cl_scenario: str = "none"  # "none" = the plain (non-continual) client path
+    cl_rounds_per_task: int = 2  # server rounds per experience (scenario boundaries)
+    cl_async_max_delay: int = 0  # per-client seeded arrival delay, in rounds (< rounds-per-task)
     cl_drift_detector: str = "adwin"
-    cl_replay_capacity: int = 0
+    cl_drift_grace: int = 30  # monitor updates (local steps) with no drift signal after a reset
+    cl_drift_min_gap: int = 50  # at most one drift signal per this many local steps
+    cl_regrow_task_fraction: float = 0.3  # regrowth budget on a task boundary
+    cl_regrow_drift_fraction: float = 0.2  # regrowth budget on detected drift
+    cl_freeze_fraction: float = 0.1  # of active, unfrozen weights frozen per finished experience
+    cl_replay_capacity: int = 0  # reservoir examples kept per client (0 = no replay)
     # run bookkeeping: continue a stored run from its last committed round ("" = new run)
     resume: str = ""
 
@@ -100,14 +109,15 @@ class LeanfedConfig:
     def validate(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
             if not ok:
-                raise ConfigError(f"{key} = {getattr(self, key.replace('.', '_').replace('-', '_'))!r}: {what}")
+                value = getattr(self, key.replace(".", "_").replace("-", "_"))
+                raise ConfigError(f"{key} = {value!r}: {what}")
 
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
         need(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
         need(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
         need(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
         need(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
-        need(self.partition_scheme in PARTITIONS, "partition.scheme", f"must be one of {PARTITIONS}")
+        need(self.partition_scheme in PARTITIONS, "partition.scheme", f"one of {PARTITIONS}")
         need(self.partition_alpha > 0, "partition.alpha", "must be > 0")
         need(self.partition_shards >= 1, "partition.shards", "must be >= 1")
         need(self.num_partitions >= 1, "num-partitions", "must be >= 1")
@@ -124,19 +134,38 @@ class LeanfedConfig:
         need(self.dst_update_interval >= 1, "dst.update-interval", "must be >= 1")
         need(self.dst_mask_round_interval >= 1, "dst.mask-round-interval", "must be >= 1")
         need(0.0 < self.dst_end_round_fraction <= 1.0, "dst.end-round-fraction", "in (0, 1]")
-        need(self.codec_upload_dtype in VALUE_DTYPES, "codec.upload-dtype", f"one of {VALUE_DTYPES}")
-        need(
-            self.codec_download_dtype in VALUE_DTYPES, "codec.download-dtype", f"one of {VALUE_DTYPES}"
-        )
+        dtypes = f"one of {VALUE_DTYPES}"
+        need(self.codec_upload_dtype in VALUE_DTYPES, "codec.upload-dtype", dtypes)
+        need(self.codec_download_dtype in VALUE_DTYPES, "codec.download-dtype", dtypes)
         need(0.0 <= self.aggregation_trim < 0.5, "aggregation.trim", "must be in [0, 0.5)")
         need(
             self.aggregation_max_density_tolerance >= 0,
             "aggregation.max-density-tolerance",
             "must be >= 0",
         )
+        need(self.cl_scenario in CL_SCENARIOS, "cl.scenario", f"must be one of {CL_SCENARIOS}")
+        need(self.cl_rounds_per_task >= 1, "cl.rounds-per-task", "must be >= 1")
+        need(
+            0 <= self.cl_async_max_delay < self.cl_rounds_per_task,
+            "cl.async-max-delay",
+            "must be in [0, cl.rounds-per-task)",
+        )
+        need(
+            self.cl_drift_detector in DRIFT_DETECTORS,
+            "cl.drift-detector",
+            f"must be one of {DRIFT_DETECTORS}",
+        )
+        need(self.cl_drift_grace >= 0, "cl.drift-grace", "must be >= 0")
+        need(self.cl_drift_min_gap >= 1, "cl.drift-min-gap", "must be >= 1")
+        for key in ("cl.regrow-task-fraction", "cl.regrow-drift-fraction"):
+            value = getattr(self, key.replace(".", "_").replace("-", "_"))
+            need(0.0 <= value <= 1.0, key, "must be in [0, 1]")
+        need(0.0 <= self.cl_freeze_fraction < 1.0, "cl.freeze-fraction", "must be in [0, 1)")
         need(self.cl_replay_capacity >= 0, "cl.replay-capacity", "must be >= 0")
         if self.strategy == "flower-fedavg" and self.dst_rule != "dense":
-            raise ConfigError("strategy = 'flower-fedavg' is the dense baseline: set dst.rule = 'dense'")
+            raise ConfigError(
+                "strategy = 'flower-fedavg' is the dense baseline: set dst.rule = 'dense'"
+            )
 
 
 _SECTIONS = ("partition", "local", "dst", "codec", "aggregation", "cl")

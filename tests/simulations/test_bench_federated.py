@@ -19,7 +19,7 @@ def test_quick_bench(tmp_path: Path) -> None:
     assert [r["strategy"] for r in rows][0] == "flower-fedavg"
     assert {r["rule"] for r in rows} == {"dense", "static", "rigl"}
     for r in rows:
-        assert REQUIRED <= set(r)
+        assert set(r) >= REQUIRED
         assert r["rounds"] == 2 and len(r["accuracy_per_round"]) == 2
         assert all(0.0 <= a <= 1.0 for a in r["accuracy_per_round"])
         assert isinstance(r["upload_bytes"], int) and isinstance(r["download_bytes"], int)

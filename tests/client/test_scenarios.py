@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulations.scenarios import (
+from client.scenarios import (
     SCENARIOS,
     CovariateShift,
     Scenario,
