@@ -9,8 +9,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from tasks.evaluation import evaluate
+
 if TYPE_CHECKING:  # only for annotations; the controller is passed in by the caller
     from strategies.sparse.engine import DSTController
+
+__all__ = ["OPTIMIZERS", "TrainResult", "evaluate", "make_optimizer", "train_steps"]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
@@ -111,26 +115,3 @@ def train_steps(
         dropped=dropped,
         grown=grown,
     )
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
-) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy in [0, 1]) in eval mode; restores the training mode."""
-    _check_xy(x, y)
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("cannot evaluate on an empty dataset (x has 0 examples)")
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    try:
-        for start in range(0, n, batch_size):
-            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-            logits = model(xb)  # [b, classes]
-            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == yb).sum())
-    finally:
-        model.train(was_training)
-    return loss_sum / n, correct / n

@@ -14,6 +14,8 @@ def evaluate(
     """(mean cross-entropy loss, accuracy in [0, 1]) in eval mode; restores the training mode."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+    if y.dim() != 1:
+        raise ValueError(f"y must be 1-D class indices [N], got shape {tuple(y.shape)}")
     n = x.shape[0]
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset (x has 0 examples)")
