@@ -42,14 +42,13 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from client.data import shared_dataset
-from client.local import RoundOutcome, readjust_fraction
+from client.local import RoundOutcome, readjust_fraction, round_controller
 from client.stream import ClientStream, Experience, FileStream, StreamError
-from client.trainer import make_optimizer
 from strategies.continual.drift import DriftConfig, DriftMonitor, DriftSignal
 from strategies.continual.policy import RegrowthPolicy, gradient_grow_scores, merge_budgets
 from strategies.continual.protection import ProtectionMask
 from strategies.continual.replay import ReservoirBuffer
-from strategies.sparse.engine import DSTConfig, DSTController
+from strategies.sparse.engine import DSTController
 from strategies.sparse.flops import train_flops
 from strategies.sparse.masks import Mask, pack_mask, unpack_mask
 from tasks.config import LeanfedConfig
@@ -354,14 +353,7 @@ def continual_round(
     protection = state.protection if mask is not None else None
     any_frozen = protection is not None and protection.frozen_count() > 0
 
-    optimizer = make_optimizer(
-        model, cfg.local_optimizer, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay
-    )
-    rule = "dense" if mask is None else "static"
-    dst = DSTConfig(rule=rule, density=cfg.dst_density, distribution=cfg.dst_distribution)
-    controller = DSTController(
-        model, optimizer, dst, total_steps=cfg.local_steps, mask=mask, generator=generator
-    )
+    optimizer, controller = round_controller(model, cfg, mask, generator)
     bs = cfg.local_batch_size
     new_data = _Batches(exp, bs, generator)
     n_rep = replay_share(bs, stream.position) if len(state.replay) > 0 else 0

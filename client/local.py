@@ -59,6 +59,25 @@ def dense_grad_scores(
     return scores
 
 
+def round_controller(
+    model: nn.Module, cfg: LeanfedConfig, mask: Mask | None, generator: torch.Generator
+) -> tuple[torch.optim.Optimizer, DSTController]:
+    """A fresh local optimizer and a controller holding ``mask`` fixed for the round.
+
+    Within a round the mask is fixed ("static"); topology changes happen once per
+    readjustment round, as in FedDST, so the server sees one mask per client per round.
+    """
+    optimizer = make_optimizer(
+        model, cfg.local_optimizer, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay
+    )
+    rule = "dense" if mask is None else "static"
+    dst = DSTConfig(rule=rule, density=cfg.dst_density, distribution=cfg.dst_distribution)
+    controller = DSTController(
+        model, optimizer, dst, total_steps=cfg.local_steps, mask=mask, generator=generator
+    )
+    return optimizer, controller
+
+
 def local_round(
     model: nn.Module,
     x: torch.Tensor,
@@ -73,16 +92,7 @@ def local_round(
     Readjusting at the midpoint (not at the end) lets the regrown weights train before
     upload instead of being sent as zeros.
     """
-    optimizer = make_optimizer(
-        model, cfg.local_optimizer, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay
-    )
-    # Within a round the mask is fixed ("static"); topology changes happen once per
-    # readjustment round, as in FedDST, so the server sees one mask per client per round.
-    rule = "dense" if mask is None else "static"
-    dst = DSTConfig(rule=rule, density=cfg.dst_density, distribution=cfg.dst_distribution)
-    controller = DSTController(
-        model, optimizer, dst, total_steps=cfg.local_steps, mask=mask, generator=generator
-    )
+    optimizer, controller = round_controller(model, cfg, mask, generator)
     fraction = readjust_fraction(cfg, server_round)
     first = cfg.local_steps if fraction is None else max(1, cfg.local_steps // 2)
     res = train_steps(model, controller, optimizer, x, y, first, cfg.local_batch_size, generator)
