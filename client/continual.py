@@ -24,7 +24,7 @@ Per round:
    mask per client per round; a client that regrew sends its mask, which the server's
    consensus vote then takes in.
 
-Scenario streams are built by ``client.scenarios.make_scenario`` (the default; another
+Scenario streams are built by ``tasks.scenarios.make_scenario`` (the default; another
 factory can be installed with :func:`register_scenario_builder`); a deployed client
 reads its own ``FileStream``.
 """
@@ -43,7 +43,6 @@ from torch.nn import functional as F  # noqa: N812
 
 from client.data import shared_dataset
 from client.local import RoundOutcome, readjust_fraction, round_controller
-from client.stream import ClientStream, Experience, FileStream, StreamError
 from strategies.continual.drift import DriftConfig, DriftMonitor, DriftSignal
 from strategies.continual.policy import RegrowthPolicy, gradient_grow_scores, merge_budgets
 from strategies.continual.protection import ProtectionMask
@@ -52,6 +51,7 @@ from strategies.sparse.engine import DSTController
 from strategies.sparse.flops import train_flops
 from strategies.sparse.masks import Mask, pack_mask, unpack_mask
 from tasks.config import LeanfedConfig
+from tasks.stream import ClientStream, Experience, FileStream, StreamError
 
 STATE_KEY = "leanfed.cl"  # ConfigRecord: stream, drift, policy, replay counters, frozen bits
 REPLAY_KEY = "leanfed.cl.replay"  # ArrayRecord: replay x [n, *shape], y [n] (n <= capacity)
@@ -60,7 +60,7 @@ SCORE_BATCHES = 1  # mini-batches of new data for RigL's dense-gradient grow sco
 
 
 class ScenarioLike(Protocol):
-    """What the client reads from ``client.scenarios.Scenario``."""
+    """What the client reads from ``tasks.scenarios.Scenario``."""
 
     @property
     def num_classes(self) -> int: ...
@@ -75,7 +75,7 @@ _builder: list[ScenarioBuilder] = []
 
 
 def register_scenario_builder(builder: ScenarioBuilder) -> None:
-    """Install the scenario factory (``client.scenarios.make_scenario``)."""
+    """Install the scenario factory (``tasks.scenarios.make_scenario``)."""
     _builder[:] = [builder]
     _scenario.cache_clear()
 
@@ -85,7 +85,7 @@ def _scenario(
     name: str, num_clients: int, seed: int, rounds_per_task: int, delay: int, dataset: str
 ) -> ScenarioLike:
     if not _builder:
-        from client.scenarios import make_scenario  # default: the shipped scenarios
+        from tasks.scenarios import make_scenario  # default: the shipped scenarios
 
         _builder.append(make_scenario)
     return _builder[0](

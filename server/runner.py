@@ -31,6 +31,7 @@ from tasks.config import ConfigError, LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
 from tasks.models import build_model
+from tasks.scenarios import make_scenario
 
 
 @dataclass
@@ -74,6 +75,18 @@ RoundCallback = Callable[[RoundRecord, Strategy, ArrayRecord], None]
 def _dataset(name: str, seed: int) -> Dataset:
     # Parsed once per server process: a benchmark runs several methods on one dataset.
     return load_dataset(name, seed=seed)
+
+
+def scenario_task_tests(cfg: LeanfedConfig, ds: Dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One held-out (x, y) per task of the run's continual scenario: the accuracy-matrix columns."""
+    scenario = make_scenario(
+        cfg.cl_scenario,
+        cfg.num_partitions,
+        cfg.seed,
+        rounds_per_task=cfg.cl_rounds_per_task,
+        data=ds,
+    )
+    return [(e.x, e.y) for e in (scenario.test_set(t) for t in range(scenario.num_tasks))]
 
 
 def test_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +217,8 @@ def run_federated(
     ds = _dataset(cfg.dataset, cfg.seed)
     x_test, y_test = test_tensors(ds)
     model = make_model(cfg, ds)
+    if task_tests is None and cfg.cl_scenario != "none":
+        task_tests = scenario_task_tests(cfg, ds)
     if initial_state is not None:
         model.load_state_dict(initial_state)
     if strategy is None:

@@ -39,11 +39,11 @@ from rich.progress import Progress  # noqa: E402
 from client.app import app as client_app  # noqa: E402
 from client.continual import register_scenario_builder  # noqa: E402
 from client.data import shared_dataset  # noqa: E402
-from client.scenarios import Scenario, make_scenario  # noqa: E402
 from server.runner import RunSummary, run_federated  # noqa: E402
 from simulations.grid import InProcessGrid  # noqa: E402
 from strategies.continual.metrics import AccuracyMatrix  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
+from tasks.scenarios import Scenario, make_scenario  # noqa: E402
 
 console = Console(stderr=True)
 METHODS = ("leanfed", "fedavg-naive", "fedavg-replay")

@@ -20,8 +20,6 @@ from client.continual import (
     replay_share,
     save_state,
 )
-from client.scenarios import Scenario, make_scenario
-from client.stream import Experience, write_experience_file
 from server.recorder import StoreRecorder
 from server.runner import RunSummary, run_federated
 from server.store import RunStore
@@ -29,6 +27,8 @@ from simulations.grid import InProcessGrid
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.continual.drift import DriftMonitor, DriftSignal
 from tasks.config import ConfigError, LeanfedConfig
+from tasks.scenarios import Scenario, make_scenario
+from tasks.stream import Experience, write_experience_file
 
 K, RPT, DELAY, CAP = 3, 2, 1, 40
 
@@ -209,7 +209,7 @@ def test_deployed_client_reads_its_file_stream(tmp_path: Path) -> None:
 
 def test_shipped_scenarios_are_the_default_builder(monkeypatch) -> None:
     # flwr run / leanfed simulate register nothing: the ClientApp falls back to the
-    # scenarios shipped in client/scenarios.py.
+    # scenarios shipped in tasks/scenarios.py.
     monkeypatch.setattr(continual, "_builder", [])
     continual._scenario.cache_clear()
     stream = client_stream(TINY.replace(seed=99), {"partition-id": 0, "num-partitions": K})

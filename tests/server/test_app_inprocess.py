@@ -96,3 +96,22 @@ def test_runs_are_reproducible() -> None:
     b = run_federated(InProcessGrid(client_app, 4, run_config=TINY.to_run_config()), TINY)
     assert a.final_state is not None and b.final_state is not None
     assert all(torch.equal(a.final_state[k], b.final_state[k]) for k in a.final_state)
+
+
+def test_serverapp_fills_the_accuracy_matrix_for_continual_runs(tmp_path, monkeypatch) -> None:
+    url = f"sqlite:///{tmp_path / 'cl.db'}"
+    monkeypatch.setenv("LEANFED_DB_URL", url)
+    cfg = TINY.replace(
+        num_server_rounds=3, model="cnn", cl_scenario="split-mnist", cl_rounds_per_task=1,
+        cl_replay_capacity=20,
+    )
+    grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
+    server_app(grid, _context(cfg))
+    with RunStore(url) as store:
+        (run,) = store.list_runs()
+        rounds = store.get_rounds(run.id)
+        # One accuracy-matrix row per round: a column for each of the 5 tasks.
+        for r in rounds:
+            row = [r.metrics[f"task_acc.{j}"] for j in range(5)]
+            assert all(0.0 <= a <= 1.0 for a in row)
+        assert {e.kind for e in store.get_events(run.id)} >= {"task_switch"}

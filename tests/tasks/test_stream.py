@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.stream import (
+from tasks.stream import (
     ClientStream,
     Experience,
     FileStream,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.stream import ClientStream, Experience
+from tasks.stream import ClientStream, Experience
 
 
 class DatasetLike(Protocol):

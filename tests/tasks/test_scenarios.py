@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.scenarios import (
+from tasks.datasets import Dataset, load_dataset
+from tasks.scenarios import (
     SCENARIOS,
     CovariateShift,
     Scenario,
@@ -20,7 +21,6 @@ from client.scenarios import (
     split_mnist,
     sync_boundaries,
 )
-from tasks.datasets import Dataset, load_dataset
 
 
 @pytest.fixture(scope="module")
