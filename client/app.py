@@ -124,16 +124,23 @@ def _continual_train(
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's local data (its current experience)."""
     cfg = _config(context)
+    per_task: dict[str, float] = {}
     if cfg.cl_scenario != "none":
         data = client_stream(cfg, dict(context.node_config))
         model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+        _receive(msg, context, model)
+        # This client's row of the accuracy matrix: the global model on its own data of
+        # every experience in its stream (future ones too, for forward transfer).
+        for j in range(len(data.stream)):
+            e = data.stream.experience(j)
+            per_task[f"task_acc.{j}"] = local_evaluate(model, e.x, e.y)[1]
         exp = current_experience(data, context.state)
         x, y = exp.x, exp.y
     else:
         _, model, x, y = _model_and_data(context)
-    _receive(msg, context, model)
+        _receive(msg, context, model)
     loss, acc = local_evaluate(model, x, y)
-    metrics = MetricRecord({"num-examples": len(x), "eval_loss": loss, "eval_acc": acc})
+    metrics = MetricRecord({"num-examples": len(x), "eval_loss": loss, "eval_acc": acc, **per_task})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

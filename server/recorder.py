@@ -115,6 +115,11 @@ class StoreRecorder:
             for c in clients
             if c.get("metrics", {}).get(kind)
         ]
+        # Federated evaluation replies: each client's own row of the accuracy matrix.
+        events += [
+            {"kind": "client_eval", "node_id": e["node_id"], "detail": e["metrics"]}
+            for e in getattr(strategy, "round_eval_clients", {}).get(rec.round, [])
+        ]
         task_accs = {f"task_acc.{j}": a for j, a in enumerate(rec.task_accuracies)}
         self.store.record_round(
             self.run_id,

@@ -14,6 +14,22 @@ def arrayrecord_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
+def eval_rows(replies: list[Message]) -> list[dict[str, object]]:
+    """Each evaluate reply's node and its numeric metrics (per-client accuracy-matrix rows)."""
+    rows: list[dict[str, object]] = []
+    for m in replies:
+        if m.has_error():
+            continue
+        metrics = {
+            k: float(v)
+            for rec in m.content.metric_records.values()
+            for k, v in rec.items()
+            if isinstance(v, int | float)
+        }
+        rows.append({"node_id": int(m.metadata.src_node_id), "metrics": metrics})
+    return rows
+
+
 class ByteCountingFedAvg(FedAvg):
     """``flwr.serverapp.strategy.FedAvg`` that logs payload bytes per round in both directions.
 
@@ -25,6 +41,7 @@ class ByteCountingFedAvg(FedAvg):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.bytes_log: dict[int, dict[str, int]] = {}
         self.last_train_metrics: MetricRecord | None = None
+        self.round_eval_clients: dict[int, list[dict[str, object]]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -56,3 +73,10 @@ class ByteCountingFedAvg(FedAvg):
         metrics["density"] = 1.0
         self.last_train_metrics = metrics
         return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self.round_eval_clients[server_round] = eval_rows(replies)
+        return super().aggregate_evaluate(server_round, replies)

@@ -42,6 +42,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from strategies import codec
+from strategies.aggregation.counting import eval_rows
 from strategies.aggregation.merge import (
     ClientUpdate,
     MergeRule,
@@ -132,6 +133,8 @@ class SparseFedAvg(FedAvg):
         # download_bytes, accepted, reason (the run store's client_results rows).
         self.round_clients: dict[int, list[dict[str, object]]] = {}
         self.last_train_metrics: MetricRecord | None = None
+        # per round, one row per evaluate reply: {"node_id", "metrics"} (per-client CL rows)
+        self.round_eval_clients: dict[int, list[dict[str, object]]] = {}
         self._sent_bytes: dict[int, int] = {}
         self._node_version: dict[int, int] = {}  # mask version each node is known to hold
         self._sent: dict[str, dict[int, int]] = {"train": {}, "evaluate": {}}
@@ -399,4 +402,5 @@ class SparseFedAvg(FedAvg):
         """Track which nodes now hold the mask, then FedAvg's weighted metric average."""
         replies = list(replies)
         self._settle("evaluate", replies)
+        self.round_eval_clients[server_round] = eval_rows(replies)
         return super().aggregate_evaluate(server_round, replies)

@@ -103,7 +103,7 @@ def test_serverapp_fills_the_accuracy_matrix_for_continual_runs(tmp_path, monkey
     monkeypatch.setenv("LEANFED_DB_URL", url)
     cfg = TINY.replace(
         num_server_rounds=3, model="cnn", cl_scenario="split-mnist", cl_rounds_per_task=1,
-        cl_replay_capacity=20,
+        cl_replay_capacity=20, fraction_evaluate=1.0,
     )
     grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
     server_app(grid, _context(cfg))
@@ -115,3 +115,8 @@ def test_serverapp_fills_the_accuracy_matrix_for_continual_runs(tmp_path, monkey
             row = [r.metrics[f"task_acc.{j}"] for j in range(5)]
             assert all(0.0 <= a <= 1.0 for a in row)
         assert {e.kind for e in store.get_events(run.id)} >= {"task_switch"}
+        # Per client: every node evaluated the global model on its own data of each task.
+        per_client = store.get_events(run.id, kind="client_eval")
+        assert len(per_client) == 3 * cfg.num_partitions
+        for e in per_client:
+            assert all(0.0 <= e.detail[f"task_acc.{j}"] <= 1.0 for j in range(5))
