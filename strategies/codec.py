@@ -195,26 +195,32 @@ def _rice_encode(gaps: np.ndarray, k: int) -> bytes:
 
 def _rice_decode(data: bytes, count: int, k: int, numel: int, name: str) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    ones = np.flatnonzero(bits).tolist()
-    # window[p] = the k bits starting at p as an integer (MSB first): remainder lookup in O(1).
-    padded = np.concatenate((bits.astype(np.int64), np.zeros(k, dtype=np.int64)))
-    window = np.zeros(len(bits) + 1, dtype=np.int64)
-    for j in range(k):
-        window += padded[j : j + len(bits) + 1] << (k - 1 - j)
-    win = window.tolist()
-    gaps = [0] * count
-    ptr, pos, nbits = 0, 0, len(bits)
-    for i in range(count):
-        while ptr < len(ones) and ones[ptr] < pos:
-            ptr += 1
-        if ptr >= len(ones):
+    nbits = len(bits)
+    # next_one[p]: the first set bit at or after p (nbits if none), so finding each
+    # codeword's terminating 1 is one lookup, not a scan over remainder bits.
+    next_one = np.full(nbits + 1, nbits, dtype=np.int64)
+    ones = np.flatnonzero(bits)
+    next_one[ones] = ones
+    next_one = np.minimum.accumulate(next_one[::-1])[::-1]
+    nxt = next_one.tolist()
+    terms = [0] * count
+    pos = 0
+    for i in range(count):  # sequential by nature: codeword i+1 starts after codeword i
+        t = nxt[pos]
+        if t >= nbits:
             raise CodecError(f"tensor {name!r}: Rice-coded mask ends after {i} of {count} gaps")
-        t = ones[ptr]
         if t + 1 + k > nbits:
             raise CodecError(f"tensor {name!r}: Rice-coded mask truncated in gap {i}")
-        gaps[i] = ((t - pos) << k) | win[t + 1]
+        terms[i] = t
         pos = t + 1 + k
-    idx = np.cumsum(np.asarray(gaps, dtype=np.int64) + 1) - 1
+    term = np.asarray(terms, dtype=np.int64)
+    starts = np.concatenate(([0], term[:-1] + 1 + k)).astype(np.int64)[:count]
+    # remainder: the k bits after each terminator, MSB first  [count]
+    rem = np.zeros(count, dtype=np.int64)
+    for j in range(k):
+        rem = (rem << 1) | bits[term + 1 + j].astype(np.int64)
+    gaps = ((term - starts) << k) | rem
+    idx = np.cumsum(gaps + 1) - 1
     if count and idx[-1] >= numel:
         raise CodecError(
             f"tensor {name!r}: mask index {int(idx[-1])} out of range for {numel} entries"
