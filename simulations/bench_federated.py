@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -164,41 +165,36 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    paths = []
+def _accuracy_plot(
+    rows: list[dict[str, Any]], xs: list[list[float]], path: Path, xlabel: str, log_x: bool
+) -> Path:
+    """One line per row: test accuracy against ``xs[i]`` (rounds or cumulative MB)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    for r, x in zip(rows, xs, strict=True):
         label = f"{r['strategy']} {r['rule']} d={r['density']} {r['upload_dtype']}"
-        ax.plot(range(1, r["rounds"] + 1), r["accuracy_per_round"], label=label)
-    ax.set_xlabel("round")
+        ax.plot(x, r["accuracy_per_round"], marker="." if log_x else None, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy vs round")
+    ax.set_title(f"Accuracy vs {xlabel.split(' (')[0]}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    paths.append(out_dir / "accuracy_vs_round.png")
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        cum, mb = 0, []
-        for b in r["upload_bytes_per_round"]:
-            cum += b
-            mb.append(cum / 1e6)
-        label = f"{r['strategy']} {r['rule']} d={r['density']} {r['upload_dtype']}"
-        ax.plot(mb, r["accuracy_per_round"], marker=".", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("cumulative uploaded MB (log)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy vs uploaded bytes")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    paths.append(out_dir / "accuracy_vs_upload.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+
+def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    rounds = [[float(i) for i in range(1, r["rounds"] + 1)] for r in rows]
+    cum_mb = [[c / 1e6 for c in accumulate(r["upload_bytes_per_round"])] for r in rows]
+    return [
+        _accuracy_plot(rows, rounds, out_dir / "accuracy_vs_round.png", "round", False),
+        _accuracy_plot(
+            rows, cum_mb, out_dir / "accuracy_vs_upload.png", "cumulative uploaded MB (log)", True
+        ),
+    ]
 
 
 def run_bench(
