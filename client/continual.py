@@ -366,6 +366,14 @@ def continual_round(
         return xb, yb, n_new
 
     regrew, dropped, grown, score_batches, drift = False, 0, 0, 0, False
+
+    def regrow_now(fraction: float, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One topology change on ``batches``: RigL scores, frozen weights never dropped."""
+        nonlocal regrew, score_batches, dropped, grown
+        changed = _regrow(model, controller, fraction, batches, protection)
+        regrew, score_batches = True, len(batches)
+        dropped, grown = changed["dropped"], changed["grown"]
+
     signal: DriftSignal | None = None
     if task_switch:
         signal = state.monitor.task_boundary(exp.task_id)
@@ -373,10 +381,7 @@ def continual_round(
     if mask is not None and task_switch:
         fraction = merge_budgets(scheduled, state.policy.budget(signal))
         if fraction is not None:
-            batches = [new_data.next() for _ in range(SCORE_BATCHES)]
-            changed = _regrow(model, controller, fraction, batches, protection)
-            regrew, score_batches = True, len(batches)
-            dropped, grown = changed["dropped"], changed["grown"]
+            regrow_now(fraction, [new_data.next() for _ in range(SCORE_BATCHES)])
 
     midpoint = max(1, cfg.local_steps // 2)
     total_loss, seen = 0.0, 0
@@ -384,10 +389,7 @@ def continual_round(
     for step in range(cfg.local_steps):
         if mask is not None and not regrew and scheduled is not None and step == midpoint:
             # FedDST's scheduled readjustment, halfway so regrown weights train before upload.
-            batches = [mixed_batch()[:2] for _ in range(SCORE_BATCHES)]
-            changed = _regrow(model, controller, scheduled, batches, protection)
-            regrew, score_batches = True, len(batches)
-            dropped, grown = changed["dropped"], changed["grown"]
+            regrow_now(scheduled, [mixed_batch()[:2] for _ in range(SCORE_BATCHES)])
         xb, yb, n_new = mixed_batch()
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)  # [b, classes]
@@ -412,10 +414,7 @@ def continual_round(
             if mask is not None and not regrew:
                 fraction = merge_budgets(scheduled, state.policy.budget(fired))
                 if fraction is not None:
-                    batches = [new_data.next() for _ in range(SCORE_BATCHES)]
-                    changed = _regrow(model, controller, fraction, batches, protection)
-                    regrew, score_batches = True, len(batches)
-                    dropped, grown = changed["dropped"], changed["grown"]
+                    regrow_now(fraction, [new_data.next() for _ in range(SCORE_BATCHES)])
 
     final_mask = None if mask is None else {k: v.clone() for k, v in controller.mask.items()}
     flops = train_flops(

@@ -117,14 +117,11 @@ def per_task_forgetting_chaudhry(r: np.ndarray, after: int | None = None) -> np.
 
 
 def forgetting_avalanche(r: np.ndarray, after: int | None = None) -> float:
-    """Avalanche StreamForgetting: 1/k sum_{j<k} (R[j,j] - R[k,j]); 0.0 when k = 0."""
-    r, k = _check(r, after)
-    if k == 0:
-        return 0.0
-    j = np.arange(k)
-    _need(r, np.array(k), j)
-    _need(r, j, j)
-    return float((r[j, j] - r[k, j]).mean())
+    """Avalanche StreamForgetting: 1/k sum_{j<k} (R[j,j] - R[k,j]); 0.0 when k = 0.
+
+    Term by term this is minus GEM's backward transfer, so it is computed as one.
+    """
+    return -bwt_gem(r, after)
 
 
 def bwt_avalanche(r: np.ndarray, after: int | None = None) -> float:
