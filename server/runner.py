@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.aggregation.counting import ByteCountingFedAvg
-from strategies.aggregation.merge import MergeRule
+from strategies.aggregation.merge import MergeOptions, MergeRule
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.sparse.density import layer_density_rule
 from strategies.sparse.masks import Mask, random_mask, sparsifiable_shapes
@@ -152,6 +152,14 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
         download_dtype=cfg.codec_download_dtype,
         merge_rule=resolve_merge_rule(cfg.aggregation_rule),
         trim=cfg.aggregation_trim,
+        merge_options=MergeOptions(
+            trim=cfg.aggregation_trim,
+            num_malicious=cfg.aggregation_num_malicious,
+            min_support=cfg.aggregation_min_support,
+            clip_norm=cfg.aggregation_clip_norm,
+            krum_select=cfg.aggregation_krum_select,
+        ),
+        vote=cfg.aggregation_vote,
         # FedDST: the server re-votes the mask on the rounds clients readjust theirs.
         mask_update_interval=cfg.dst_mask_round_interval if dynamic else 1,
         mask_update_end_round=end_round if dynamic else 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -13,6 +14,8 @@ VALUE_DTYPES = ("fp32", "fp16", "int8")
 DISTRIBUTIONS = ("erk", "uniform")
 OPTIMIZERS = ("sgd", "adam")
 CL_SCENARIOS = ("none", "split-mnist", "permuted-mnist", "rotated-mnist", "hospital")
+VOTES = ("weighted", "robust")  # strategies.aggregation.strategy.VOTES
+BYZANTINE_RULES = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # n >= k*f + 3 clients per round
 DRIFT_DETECTORS = ("adwin", "ddm", "both", "none")  # strategies.continual.drift.DETECTORS
 
 
@@ -61,6 +64,11 @@ class LeanfedConfig:
     aggregation_rule: str = "mean"
     aggregation_trim: float = 0.2
     aggregation_max_density_tolerance: float = 0.05
+    aggregation_num_malicious: int = 0  # f: Byzantine clients robust rules must tolerate
+    aggregation_min_support: int = 0  # clients that must keep a coordinate; 0 = 2f + 1
+    aggregation_clip_norm: float = 0.0  # "clipped-*" L2 bound per update; 0 = round median
+    aggregation_krum_select: int = 0  # updates multi-Krum averages; 0 = n - f
+    aggregation_vote: str = "weighted"  # consensus-mask vote: "weighted" | "robust"
     # continual learning
     cl_scenario: str = "none"  # "none" = the plain (non-continual) client path
     cl_rounds_per_task: int = 2  # server rounds per experience (scenario boundaries)
@@ -143,6 +151,7 @@ class LeanfedConfig:
             "aggregation.max-density-tolerance",
             "must be >= 0",
         )
+        self._validate_robust(need)
         need(self.cl_scenario in CL_SCENARIOS, "cl.scenario", f"must be one of {CL_SCENARIOS}")
         need(self.cl_rounds_per_task >= 1, "cl.rounds-per-task", "must be >= 1")
         need(
@@ -166,6 +175,23 @@ class LeanfedConfig:
             raise ConfigError(
                 "strategy = 'flower-fedavg' is the dense baseline: set dst.rule = 'dense'"
             )
+
+    def _validate_robust(self, need: Callable[[bool, str, str], None]) -> None:
+        need(self.aggregation_num_malicious >= 0, "aggregation.num-malicious", "must be >= 0")
+        need(self.aggregation_min_support >= 0, "aggregation.min-support", "must be >= 0")
+        need(self.aggregation_clip_norm >= 0, "aggregation.clip-norm", "must be >= 0")
+        need(self.aggregation_krum_select >= 0, "aggregation.krum-select", "must be >= 0")
+        need(self.aggregation_vote in VOTES, "aggregation.vote", f"must be one of {VOTES}")
+        k = BYZANTINE_RULES.get(self.aggregation_rule)
+        if k is not None:
+            per_round = max(int(self.num_partitions * self.fraction_train), self.min_train_nodes)
+            f = self.aggregation_num_malicious
+            if per_round < k * f + 3:
+                raise ConfigError(
+                    f"aggregation.rule = {self.aggregation_rule!r} with aggregation.num-malicious"
+                    f" = {f} needs at least {k * f + 3} clients per round, the config samples"
+                    f" {per_round} (num-partitions x fraction-train, at least min-train-nodes)"
+                )
 
 
 _SECTIONS = ("partition", "local", "dst", "codec", "aggregation", "cl")

@@ -10,7 +10,9 @@ locally, the server sums their masks as votes weighted by examples and keeps the
 coordinates per layer, k = round(density_l * numel_l), breaking ties by |merged value|.
 
 A merge rule is any callable ``rule(updates, previous) -> {name: tensor}`` (`MergeRule`);
-built-ins are registered by name in `MERGE_RULES` ("mean", "median", "trimmed-mean").
+built-ins are registered by name in `MERGE_RULES` ("mean", "median", "trimmed-mean", and the
+Byzantine-robust rules of `strategies.aggregation.robust`: "clipped-median", "krum",
+"multi-krum", "bulyan"), each built from the run's `MergeOptions`.
 """
 
 from __future__ import annotations
@@ -109,41 +111,74 @@ def _sorted_kept(vals: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, 
     return filled.sort(dim=0).values, keep.sum(0)
 
 
+def _check_support(min_support: int) -> None:
+    if min_support < 1:
+        raise ValueError(f"min_support must be >= 1, got {min_support}")
+
+
+def median_of_kept(vals: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate, the median of the kept values (mean of the two middles) and the count.
+
+    vals, keep: [C, *shape]; returns ([*shape] float64, [*shape] int64). Where the count is
+    0 the median is meaningless (callers keep the previous value there).
+    """
+    srt, count = _sorted_kept(vals, keep)  # [C, *shape], [*shape]
+    c = count.clamp_min(1).unsqueeze(0)
+    lower = srt.gather(0, (c - 1) // 2).squeeze(0)
+    upper = srt.gather(0, c // 2).squeeze(0)
+    return (lower + upper) / 2, count
+
+
 def coordinate_median(
-    updates: list[ClientUpdate], previous_global: dict[str, torch.Tensor]
+    updates: list[ClientUpdate], previous_global: dict[str, torch.Tensor], min_support: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Coordinate-wise median over keeping clients (Yin et al. 2018; mean of the two middles)."""
+    """Coordinate-wise median over keeping clients (Yin et al. 2018; mean of the two middles).
+
+    A coordinate kept by fewer than `min_support` clients keeps its previous global value:
+    with f attackers, ``min_support = 2f + 1`` guarantees an honest majority wherever a
+    median is taken, so one client's private coordinates (a random mask) cannot be written.
+    """
+    _check_support(min_support)
     out: dict[str, torch.Tensor] = {}
     for key in _check(updates, previous_global):
         vals, keep, _ = stack_kept(updates, key)
-        srt, count = _sorted_kept(vals, keep)  # [C, *shape], [*shape]
-        c = count.clamp_min(1).unsqueeze(0)
-        lower = srt.gather(0, (c - 1) // 2).squeeze(0)
-        upper = srt.gather(0, c // 2).squeeze(0)
-        out[key] = _finish((lower + upper) / 2, count > 0, previous_global[key])
+        med, count = median_of_kept(vals, keep)
+        out[key] = _finish(med, count >= min_support, previous_global[key])
     return out
 
 
 def trimmed_mean(
-    updates: list[ClientUpdate], previous_global: dict[str, torch.Tensor], beta: float = 0.2
+    updates: list[ClientUpdate],
+    previous_global: dict[str, torch.Tensor],
+    beta: float = 0.2,
+    min_trim: int = 0,
+    min_support: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Coordinate-wise beta-trimmed mean (Yin et al. 2018) over the c clients keeping each entry.
 
-    Drops t = floor(beta * c) lowest and t highest values, averages the c - 2t left
-    (unweighted, as in the paper). Needs 0 <= beta < 0.5.
+    Per coordinate: t = max(floor(beta * c), min_trim) lowest and t highest kept values are
+    dropped and the c - 2t left averaged (unweighted, as in the paper). ``beta * c`` rounds
+    to 0 where few clients keep a coordinate, so `min_trim` (the assumed number of
+    attackers f) makes the trim real there. A coordinate with c < max(min_support, 2t + 1)
+    keeps its previous global value. Needs 0 <= beta < 0.5. With all-ones masks and the
+    defaults this is Flower's FedTrimmedAvg (``trim_mean``).
     """
     if not 0.0 <= beta < 0.5:
         raise ValueError(f"trim fraction beta must be in [0, 0.5), got {beta}")
+    if min_trim < 0:
+        raise ValueError(f"min_trim must be >= 0, got {min_trim}")
+    _check_support(min_support)
     out: dict[str, torch.Tensor] = {}
     for key in _check(updates, previous_global):
         vals, keep, _ = stack_kept(updates, key)
         srt, count = _sorted_kept(vals, keep)
-        t = torch.floor(count.to(torch.float64) * beta).to(torch.int64)  # [*shape]
+        t = torch.floor(count.to(torch.float64) * beta).to(torch.int64).clamp_min(min_trim)
         pos = torch.arange(len(updates)).view(-1, *([1] * (vals.dim() - 1)))  # [C, 1, ...]
         sel = (pos >= t) & (pos < count - t)
         total = torch.where(sel, srt, torch.zeros_like(srt)).sum(0)
-        merged = total / (count - 2 * t).clamp_min(1).to(torch.float64)
-        out[key] = _finish(merged, count > 0, previous_global[key])
+        left = count - 2 * t  # [*shape]
+        merged = total / left.clamp_min(1).to(torch.float64)
+        out[key] = _finish(merged, (left >= 1) & (count >= min_support), previous_global[key])
     return out
 
 
@@ -182,38 +217,91 @@ def consensus_mask(
 
 
 @dataclass(frozen=True)
+class MergeOptions:
+    """A rule's knobs from the run config (``aggregation.*``); each rule reads what it needs.
+
+    trim: trimmed-mean fraction beta. num_malicious: f, the number of Byzantine clients a
+    robust rule must tolerate (Krum, Bulyan, the trim floor). min_support: clients that must
+    keep a coordinate for a robust rule to write it; 0 = 2f + 1. clip_norm: L2 bound on each
+    client's update for "clipped-*" rules; 0 = the median update norm of the round.
+    krum_select: updates multi-Krum averages; 0 = n - f.
+    """
+
+    trim: float = 0.2
+    num_malicious: int = 0
+    min_support: int = 0
+    clip_norm: float = 0.0
+    krum_select: int = 0
+
+    @property
+    def support(self) -> int:
+        """The effective minimum support (``2f + 1`` when left at 0)."""
+        return self.min_support if self.min_support > 0 else 2 * self.num_malicious + 1
+
+
+@dataclass(frozen=True)
 class TrimmedMean:
-    """The "trimmed-mean" rule with its trim fraction bound in."""
+    """The "trimmed-mean" rule with its trim fraction, trim floor and minimum support bound in."""
 
     beta: float = 0.2
+    min_trim: int = 0
+    min_support: int = 1
 
     def __call__(
         self, updates: list[ClientUpdate], previous: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        return trimmed_mean(updates, previous, self.beta)
+        return trimmed_mean(updates, previous, self.beta, self.min_trim, self.min_support)
 
 
-# name -> factory(trim) -> rule; register your own with `register_merge_rule`.
-MERGE_RULES: dict[str, Callable[[float], MergeRule]] = {
-    "mean": lambda trim: masked_weighted_mean,
-    "median": lambda trim: coordinate_median,
-    "trimmed-mean": lambda trim: TrimmedMean(trim),
+@dataclass(frozen=True)
+class Median:
+    """The "median" rule (FedMedian, mask-aware) with its minimum support bound in."""
+
+    min_support: int = 1
+
+    def __call__(
+        self, updates: list[ClientUpdate], previous: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return coordinate_median(updates, previous, self.min_support)
+
+
+def _robust(name: str) -> Callable[[MergeOptions], MergeRule]:
+    def make(options: MergeOptions) -> MergeRule:
+        # Imported here: strategies.aggregation.robust builds on this module's primitives.
+        from strategies.aggregation.robust import robust_rule
+
+        return robust_rule(name, options)
+
+    return make
+
+
+# name -> factory(options) -> rule; register your own with `register_merge_rule`.
+MERGE_RULES: dict[str, Callable[[MergeOptions], MergeRule]] = {
+    "mean": lambda o: masked_weighted_mean,
+    "median": lambda o: Median(o.support),
+    "trimmed-mean": lambda o: TrimmedMean(o.trim, o.num_malicious, o.support),
+    **{name: _robust(name) for name in ("clipped-median", "krum", "multi-krum", "bulyan")},
 }
 
 
-def register_merge_rule(name: str, factory: Callable[[float], MergeRule]) -> None:
+def register_merge_rule(name: str, factory: Callable[[MergeOptions], MergeRule]) -> None:
     """Make a rule selectable by name (e.g. from run config ``aggregation.rule``)."""
     if name in MERGE_RULES:
         raise ValueError(f"merge rule {name!r} is already registered")
     MERGE_RULES[name] = factory
 
 
-def get_merge_rule(rule: str | MergeRule, trim: float = 0.2) -> MergeRule:
-    """Resolve a rule name (see MERGE_RULES) or pass a callable through."""
+def get_merge_rule(
+    rule: str | MergeRule, trim: float = 0.2, options: MergeOptions | None = None
+) -> MergeRule:
+    """Resolve a rule name (see MERGE_RULES) or pass a callable through.
+
+    `options` carries every rule knob; without it, the defaults with trim fraction `trim`.
+    """
     if isinstance(rule, str):
         if rule not in MERGE_RULES:
             raise ValueError(f"unknown merge rule {rule!r}; known: {sorted(MERGE_RULES)}")
-        return MERGE_RULES[rule](trim)
+        return MERGE_RULES[rule](options if options is not None else MergeOptions(trim=trim))
     if not callable(rule):
         raise TypeError(f"merge rule must be a name or a callable, got {type(rule).__name__}")
     return rule

@@ -45,16 +45,22 @@ from strategies import codec
 from strategies.aggregation.counting import eval_rows
 from strategies.aggregation.merge import (
     ClientUpdate,
+    MergeOptions,
     MergeRule,
     consensus_mask,
     get_merge_rule,
 )
+from strategies.aggregation.robust import robust_consensus_mask
 from strategies.aggregation.validate import ModelSpec, validate_replies
 from strategies.aggregation.wire import ReplyError, decode_reply, encode_global, reply_payload
 from strategies.sparse.density import layer_density_rule
 from strategies.sparse.masks import Mask, default_sparsifiable, random_mask
 
-__all__ = ["SparseFedAvg", "decode_reply", "encode_global"]
+__all__ = ["VOTES", "SparseFedAvg", "decode_reply", "encode_global"]
+
+# Consensus-mask votes: "weighted" = FedDST's examples-weighted vote, ties by |merged value|;
+# "robust" = weights capped at the median client's, ties by the previous mask then index.
+VOTES = ("weighted", "robust")
 
 
 class SparseFedAvg(FedAvg):
@@ -62,9 +68,10 @@ class SparseFedAvg(FedAvg):
 
     Round r: send the global values under the consensus mask (the mask itself only to
     nodes that do not hold it yet); validate and decode the replies, dropping bad ones
-    into ``self.rejections``; merge with `merge_rule`; every `mask_update_interval`
-    rounds (until `mask_update_end_round`) re-vote the mask; the new global model is the
-    merged values with everything off the consensus mask zeroed.
+    into ``self.rejections``; merge with `merge_rule` (its knobs in `merge_options`); every
+    `mask_update_interval` rounds (until `mask_update_end_round`) re-vote the mask (`vote`:
+    see VOTES); the new global model is the merged values with everything off the consensus
+    mask zeroed.
     """
 
     def __init__(  # noqa: PLR0913 - the knobs are the run config
@@ -76,6 +83,8 @@ class SparseFedAvg(FedAvg):
         download_dtype: str = "fp32",
         merge_rule: str | MergeRule = "mean",
         trim: float = 0.2,
+        merge_options: MergeOptions | None = None,
+        vote: str = "weighted",
         mask_update_interval: int = 1,
         mask_update_end_round: int | None = None,
         max_density_tolerance: float = 0.05,
@@ -114,7 +123,10 @@ class SparseFedAvg(FedAvg):
         self._density_rule = layer_density_rule(distribution)
         self.upload_dtype = upload_dtype
         self.download_dtype = download_dtype
-        self.merge_rule: MergeRule = get_merge_rule(merge_rule, trim)
+        if vote not in VOTES:
+            raise ValueError(f"vote must be one of {VOTES}, got {vote!r}")
+        self.vote = vote
+        self.merge_rule: MergeRule = get_merge_rule(merge_rule, trim, merge_options)
         self.merge_rule_name = merge_rule if isinstance(merge_rule, str) else repr(merge_rule)
         self.mask_update_interval = mask_update_interval
         self.mask_update_end_round = mask_update_end_round
@@ -145,10 +157,11 @@ class SparseFedAvg(FedAvg):
         """Log the sparse settings, then FedAvg's summary."""
         log(
             INFO,
-            "\t├──> Sparse: density %.3f (%s), merge %s, mask every %d round(s)",
+            "\t├──> Sparse: density %.3f (%s), merge %s, %s vote, mask every %d round(s)",
             self.density,
             self.distribution,
             self.merge_rule_name,
+            self.vote,
             self.mask_update_interval,
         )
         log(INFO, "\t├──> Codec: upload %s | download %s", self.upload_dtype, self.download_dtype)
@@ -337,7 +350,10 @@ class SparseFedAvg(FedAvg):
                     f"merge rule {self.merge_rule_name} returned bad keys/shapes: {bad}"
                 )
             if self._mask_round(server_round):
-                new_mask = consensus_mask(accepted, self.target_densities, merged)
+                if self.vote == "robust":
+                    new_mask = robust_consensus_mask(accepted, self.target_densities, mask)
+                else:
+                    new_mask = consensus_mask(accepted, self.target_densities, merged)
                 if any(not torch.equal(new_mask[k], mask[k]) for k in mask):
                     self.mask = new_mask
                     self.mask_version += 1

@@ -35,6 +35,17 @@ def test_round_trip() -> None:
         ({"num-server-rounds": 0}, "num-server-rounds"),
         ({"dst.densty": 0.1}, "unknown run-config key(s) ['dst.densty']"),
         ({"strategy": "flower-fedavg"}, "dst.rule = 'dense'"),
+        ({"aggregation.vote": "loudest"}, "aggregation.vote = 'loudest'"),
+        ({"aggregation.num-malicious": -1}, "aggregation.num-malicious = -1"),
+        ({"aggregation.clip-norm": -0.5}, "aggregation.clip-norm = -0.5"),
+        (
+            {"aggregation.rule": "bulyan", "aggregation.num-malicious": 1},
+            "needs at least 7 clients per round, the config samples 5",
+        ),
+        (
+            {"aggregation.rule": "krum", "aggregation.num-malicious": 2, "fraction-train": 0.6},
+            "needs at least 7 clients per round, the config samples 6",
+        ),
     ],
 )
 def test_bad_values_are_named(override: dict, fragment: str) -> None:

@@ -82,7 +82,7 @@ def test_merge_input_errors() -> None:
     with pytest.raises(ValueError, match="beta"):
         trimmed_mean([_upd(1, {"w": [0.0, 0.0]}, {})], prev, beta=0.5)
     with pytest.raises(ValueError, match="unknown merge rule"):
-        get_merge_rule("krum")
+        get_merge_rule("no-such-rule")
 
 
 def test_median_exact() -> None:
@@ -195,11 +195,11 @@ def test_custom_rule_and_registry() -> None:
     assert get_merge_rule(rule) is rule
     ups = [_upd(1, {"w": [5.0, 0.5]}, {}), _upd(2, {"w": [-0.5, 0.5]}, {})]
     assert rule(ups, {"w": torch.zeros(2)})["w"].tolist() == [0.25, 0.5]
-    register_merge_rule("clipped-test", lambda trim: ClippedMean(trim))
+    register_merge_rule("clipped-test", lambda o: ClippedMean(o.trim))
     try:
         assert isinstance(get_merge_rule("clipped-test", trim=2.0), ClippedMean)
         with pytest.raises(ValueError, match="already registered"):
-            register_merge_rule("clipped-test", lambda trim: ClippedMean(trim))
+            register_merge_rule("clipped-test", lambda o: ClippedMean(o.trim))
     finally:
         MERGE_RULES.pop("clipped-test")
     assert set(MERGE_RULES) >= {"mean", "median", "trimmed-mean"}
