@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from simulations.bench_centralized import register as register_centralized
 from simulations.bench_continual import register as register_continual
 from simulations.bench_federated import register as register_federated
 from simulations.deploy import register as register_deploy
+from simulations.edge import LeanfedGroup, new_app
 from simulations.runs_cli import register as register_runs
 from simulations.simulate import register as register_simulate
 
-app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="leanfed: federated DST on Flower."
+app = new_app(
+    cls=LeanfedGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    help="leanfed: federated DST on Flower.",
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write DIR/results.json.")
+bench_app = new_app(no_args_is_help=True, help="Benchmarks that write DIR/results.json.")
 app.add_typer(bench_app, name="bench")
 register_centralized(bench_app)
 register_federated(bench_app)
@@ -24,5 +30,23 @@ register_runs(app)
 register_deploy(app)
 
 
-if __name__ == "__main__":  # pragma: no cover
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", help="Show full tracebacks (they may quote your data) instead of one line."
+        ),
+    ] = False,
+) -> None:
+    """leanfed: federated DST on Flower."""
+    # Read by LeanfedGroup.invoke from the context's params; nothing to do here.
+
+
+def main() -> None:
+    """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -659,6 +659,7 @@ def run_status(connection: str, run_id: int, *, env: Mapping[str, str]) -> str:
 def register(app: typer.Typer) -> None:
     """Add ``leanfed deploy certs`` and ``leanfed deploy keys`` to the ``leanfed`` CLI."""
     deploy_app = typer.Typer(
+        pretty_exceptions_show_locals=False,
         no_args_is_help=True, help="Certificates and SuperNode keys for a real deployment."
     )
 

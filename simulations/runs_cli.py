@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from server.store import RunStore, StoreError, resolve_db_url
+from simulations.edge import new_app, print_error
 
 DbOption = Annotated[
     str | None,
@@ -26,7 +27,7 @@ RunIdArg = Annotated[str, typer.Argument(help="Run id, or a unique prefix of at 
 
 ID_SHOWN = 12  # hex chars of the run id shown by `runs list` (48 bits: unique in practice)
 
-runs_app = typer.Typer(no_args_is_help=True, help="Inspect stored runs.")
+runs_app = new_app(no_args_is_help=True, help="Inspect stored runs.")
 
 
 @contextmanager
@@ -45,8 +46,7 @@ def _open(db: str | None) -> Iterator[RunStore]:
 
 
 def _fail(message: str) -> NoReturn:
-    # soft_wrap: one line whatever the terminal width, so it greps and copies cleanly.
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}")
+    print_error(message)
     raise typer.Exit(code=1)
 
 

@@ -166,15 +166,17 @@ def load_csv(
         with p.open(newline="") as fh:
             rows = list(csv.reader(fh))
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{p}: not a readable CSV text file ({exc})") from exc
+        # The codec/csv messages quote the offending bytes: name only the kind of failure.
+        raise DatasetError(f"{p}: not a readable CSV text file ({type(exc).__name__})") from exc
     rows = [r for r in rows if any(cell.strip() for cell in r)]  # skip blank lines
     if not rows:
         raise DatasetError(f"{p}: empty CSV, expected a header row with a {label_column!r} column")
     header = [h.strip() for h in rows[0]]
     if label_column not in header:
+        # Never quote the header: a file without one starts with a data row.
         raise DatasetError(
-            f"{p}: missing label column {label_column!r} in header (found columns: "
-            f"{', '.join(header[:10])}{' ...' if len(header) > 10 else ''})"
+            f"{p}: no column named {label_column!r} in the first row ({len(header)} columns); "
+            "expected a header row naming the features and the label column"
         )
     if len(header) < 2:
         raise DatasetError(f"{p}: expected at least one feature column besides {label_column!r}")
@@ -191,13 +193,14 @@ def load_csv(
             try:
                 values[i, j] = float(cell)
             except ValueError:
+                # The cell itself is never quoted: it is the user's data.
                 raise DatasetError(
-                    f"{p}: non-numeric value {cell!r} at line {i + 2}, column {header[j]!r} "
+                    f"{p}: non-numeric value at line {i + 2}, column {j + 1} "
                     "(expected numbers only)"
                 ) from None
     if not np.all(np.isfinite(values)):
         bad = np.argwhere(~np.isfinite(values))[0]
-        raise DatasetError(f"{p}: non-finite value at line {bad[0] + 2}, column {header[bad[1]]!r}")
+        raise DatasetError(f"{p}: non-finite value at line {bad[0] + 2}, column {bad[1] + 1}")
     li = header.index(label_column)
     y = _check_labels(values[:, li], p, f"label column {label_column!r}")
     x = np.delete(values, li, axis=1)
@@ -211,7 +214,7 @@ def _npz_arrays(p: Path) -> dict[str, np.ndarray]:
         with np.load(p, allow_pickle=False) as data:
             return {k: np.asarray(data[k]) for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{p}: not a readable .npz archive ({exc})") from exc
+        raise DatasetError(f"{p}: not a readable .npz archive ({type(exc).__name__})") from exc
 
 
 def _as_features(x: np.ndarray, p: Path, key: str) -> np.ndarray:

@@ -36,8 +36,12 @@ def parse_url(url: str) -> URL:
     """Parse and normalise a URL; plain `postgresql://` and `postgres://` use psycopg 3."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise StoreError(f"invalid database URL {url!r}: {exc}") from exc
+    except (ArgumentError, ValueError, TypeError) as exc:
+        # Never echo the text: a mistyped URL may still carry a password.
+        raise StoreError(
+            "invalid database URL (expected sqlite:///FILE, a SQLite file path, or "
+            "postgresql://USER@HOST:PORT/DB)"
+        ) from exc
     if parsed.drivername in ("postgresql", "postgres"):
         # psycopg2 is not a dependency; psycopg (3) is.
         parsed = parsed.set(drivername="postgresql+psycopg")

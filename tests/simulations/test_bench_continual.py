@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,8 @@ def one_thread():  # type: ignore[no-untyped-def]
 
 @pytest.mark.usefixtures("one_thread")
 def test_quick_run_writes_valid_results(tmp_path: Path) -> None:
-    t0 = time.perf_counter()
+    # No wall-time assertion: timing belongs in benchmarks, not in a test on a shared machine.
     rows = run_bench(tmp_path, seed=0, quick=True, progress=False)
-    assert time.perf_counter() - t0 < 90  # ~20 s on an idle 2-core machine
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert [r["method"] for r in rows] == list(METHODS)
     for r in rows:
