@@ -7,6 +7,7 @@ the store at the last complete round, from which ``resume`` continues.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from server.runner import RoundRecord, build_strategy
+from server.security.checkpoints import sign_round
+from server.security.signing import Signer
 from server.store import RunStore, StoreError
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.sparse.masks import Mask, layer_densities, mask_from_bytes, mask_to_bytes
@@ -99,10 +102,15 @@ def _tuplify(x: Any) -> Any:
 
 
 class StoreRecorder:
-    """The ``on_round`` callback: one atomic store write per finished round."""
+    """The ``on_round`` callback: one atomic store write per finished round.
 
-    def __init__(self, store: RunStore, run_id: str) -> None:
-        self.store, self.run_id = store, run_id
+    With a ``signer`` every checkpoint is signed (server.security.checkpoints) over its
+    hash, the run's stored config and the round's site list.
+    """
+
+    def __init__(self, store: RunStore, run_id: str, signer: Signer | None = None) -> None:
+        self.store, self.run_id, self.signer = store, run_id, signer
+        self.config = store.get_run(run_id).config if signer is not None else {}
 
     def __call__(self, rec: RoundRecord, strategy: Strategy, arrays: ArrayRecord) -> None:
         state = dict(arrays.to_torch_state_dict())
@@ -121,6 +129,13 @@ class StoreRecorder:
             for e in getattr(strategy, "round_eval_clients", {}).get(rec.round, [])
         ]
         task_accs = {f"task_acc.{j}": a for j, a in enumerate(rec.task_accuracies)}
+        checkpoint = checkpoint_bytes(rec.round, state, strategy)
+        signature = None
+        if self.signer is not None:
+            sha = hashlib.sha256(checkpoint).hexdigest()
+            signature = sign_round(
+                self.signer, self.run_id, rec.round, sha, len(checkpoint), self.config, clients
+            )
         self.store.record_round(
             self.run_id,
             rec.round,
@@ -132,7 +147,8 @@ class StoreRecorder:
             client_results=clients,
             mask_blob=None if mask is None else mask_blob(mask),
             layer_densities=None if mask is None else layer_densities(mask),
-            checkpoint=checkpoint_bytes(rec.round, state, strategy),
+            checkpoint=checkpoint,
+            checkpoint_signature=signature,
             events=events,
             train_loss=rec.train_loss,
             accuracy=rec.accuracy,

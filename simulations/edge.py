@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from server.security.errors import DeployError
 from server.store.errors import StoreError
-from simulations.deploy import DeployError
 from strategies.codec import CodecError
 from strategies.sparse.masks import MaskError
 from tasks.config import ConfigError

@@ -9,8 +9,12 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from server.security.audit import audit_trail
+from server.security.checkpoints import signature_status
+from server.security.signing import verifier_from
 from server.store import RunStore, StoreError, resolve_db_url
 from simulations.edge import new_app, print_error
 
@@ -20,6 +24,15 @@ DbOption = Annotated[
         "--db",
         help="Database URL (sqlite:///FILE or postgresql://USER@HOST:PORT/DB) or a SQLite file; "
         "default $LEANFED_DB_URL, else ./leanfed.db.",
+        show_default=False,
+    ),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--signing-key",
+        help="Signing key (private or .pub) to verify checkpoint signatures; "
+        "default $LEANFED_SIGNING_KEY.",
         show_default=False,
     ),
 ]
@@ -86,15 +99,18 @@ def list_runs(db: DbOption = None) -> None:
 
 
 @runs_app.command("show")
-def show_run(run_id: RunIdArg, db: DbOption = None) -> None:
-    """Status, rounds, final metrics and the SHA-256 of the final global checkpoint."""
+def show_run(run_id: RunIdArg, db: DbOption = None, signing_key: KeyOption = None) -> None:
+    """Status, rounds, final metrics, the final checkpoint's SHA-256 and signature, audit."""
     with _open(db) as store:
         full_id = store.resolve_run_id(run_id)
         run = store.get_run(full_id)
         rounds = store.get_rounds(full_id)
-        # Load (and so verify) the final checkpoint: a corrupt blob fails here, loudly.
+        # Signatures first (a bad one refuses the run), then load the final checkpoint:
+        # a blob that does not match its recorded hash fails here, loudly.
+        signature = signature_status(store, full_id, verifier_from(signing_key))
         ckpt = store.latest_checkpoint(full_id)
         sha = store.checkpoint_sha256(full_id)
+        audit = audit_trail(store, full_id)
     console = Console(highlight=False)
     table = Table(show_header=False, title=f"run {run.id}")
     table.add_column("field", style="bold")
@@ -118,7 +134,16 @@ def show_run(run_id: RunIdArg, db: DbOption = None) -> None:
         table.add_row("checkpoint SHA-256", sha[1])
     else:
         table.add_row("final checkpoint", "none stored")
+    unsigned = signature.startswith("UNSIGNED") or "NOT VERIFIED" in signature
+    table.add_row("signature", f"[yellow]{signature}[/]" if unsigned else signature)
     console.print(table)
+    trail = Table(title="audit trail (data and updates are never stored)")
+    for col in ("round", "what", "detail"):
+        trail.add_column(col, overflow="fold")
+    for e in audit:
+        # Reasons and ids come from the network: never let them act as rich markup.
+        trail.add_row("-" if e.round is None else str(e.round), e.what, escape(e.detail))
+    console.print(trail)
 
 
 def report(

@@ -9,11 +9,13 @@ from typing import Annotated, Any
 import typer
 from flwr.common.config import flatten_dict
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from client.app import app as client_app
 from server.runner import RoundRecord
+from server.security.signing import Signer, signer_from
 from server.session import effective_config, run_recorded
 from server.store import RunStore, StoreError, resolve_db_url
 from simulations.grid import InProcessGrid, quiet_flower
@@ -42,13 +44,18 @@ def build_config(path: Path | None, resume: str | None, extra: dict[str, Any]) -
 
 
 def simulate(
-    cfg: LeanfedConfig, db_url: str, *, name: str | None = None, progress: bool = True
+    cfg: LeanfedConfig,
+    db_url: str,
+    *,
+    name: str | None = None,
+    progress: bool = True,
+    signer: Signer | None = None,
 ) -> str:
-    """Run one recorded simulation; return its run id."""
+    """Run one recorded simulation (checkpoints signed when ``signer``); return its run id."""
     if progress:
         quiet_flower()
     with RunStore(db_url) as store:
-        cfg = effective_config(store, cfg)
+        cfg = effective_config(store, cfg, signer)
         grid = InProcessGrid(
             client_app,
             num_nodes=cfg.num_partitions,
@@ -73,7 +80,9 @@ def simulate(
                     info=f"acc {rec.accuracy:.3f}  up {rec.upload_bytes / 1e6:.2f} MB",
                 )
 
-            run_id, summary = run_recorded(grid, cfg, store, name=name, on_round=on_round)
+            run_id, summary = run_recorded(
+                grid, cfg, store, name=name, on_round=on_round, signer=signer
+            )
         table = Table(title=f"run {run_id}")
         for col in ("round", "accuracy", "loss", "upload MB", "download MB", "density", "wall s"):
             table.add_column(col, justify="right")
@@ -116,6 +125,14 @@ def register(app: typer.Typer) -> None:
         ] = None,
         name: Annotated[str | None, typer.Option("--name", help="a label for the run")] = None,
         no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+        signing_key: Annotated[
+            str | None,
+            typer.Option(
+                "--signing-key",
+                help="Ed25519 key that signs checkpoints (default: $LEANFED_SIGNING_KEY; "
+                "none: unsigned)",
+            ),
+        ] = None,
     ) -> None:
         """Run a federated DST simulation on embedded defaults, recorded in the run store."""
         extra: dict[str, Any] = {}
@@ -125,7 +142,11 @@ def register(app: typer.Typer) -> None:
             extra["num-partitions"] = clients
         try:
             cfg = build_config(config, resume, extra)
-            simulate(cfg, resolve_db_url(db), name=name, progress=not no_progress)
+            signer = signer_from(signing_key)
+            simulate(
+                cfg, resolve_db_url(db), name=name, progress=not no_progress, signer=signer
+            )
         except (ConfigError, StoreError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            # soft_wrap: one line whatever the terminal width; escape: no markup from data.
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from exc

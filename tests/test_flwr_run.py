@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations import deploy
+from server.security import flower, processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,38 +42,39 @@ def run_simulation(
     run_config: list[str],
     federation_config: list[str],
     timeout: float = RUN_TIMEOUT_S,
-) -> tuple[deploy.CliResult, str]:
+) -> tuple[processes.CliResult, str]:
     """`flwr run APP local --stream` on a simulation SuperLink we start and stop by pid.
 
     Returns the CLI result and the run's final status reported by the SuperLink.
     """
     home = work / "flwr-home"
-    app = deploy.copy_app(app_src, work / "app")
-    env = deploy.flwr_env(home)
+    app = flower.copy_app(app_src, work / "app")
+    env = flower.flwr_env(home)
     # The ServerApp records the run; keep its SQLite store out of the repository.
     env["LEANFED_DB_URL"] = f"sqlite:///{work / 'runs.db'}"
-    port = deploy.free_port()
-    deploy.write_connection(home, "local-sim", f"127.0.0.1:{port}", insecure=True)
-    superlink = deploy.start_process(
-        deploy.superlink_command(port, None, simulation=True),
+    port = processes.free_port()
+    flower.write_connection(home, "local-sim", f"127.0.0.1:{port}", insecure=True)
+    superlink = processes.start_process(
+        flower.superlink_command(port, None, simulation=True),
         work / "superlink.log",
         env=env,
         cwd=work,
     )
     try:
-        deploy.wait_for_health(f"127.0.0.1:{port}", proc=superlink, timeout=60)
+        processes.wait_for_health(f"127.0.0.1:{port}", proc=superlink, timeout=60)
         cmd = ["flwr", "run", str(app), "local-sim", "--stream"]
         for item in run_config:
             cmd += ["--run-config", item]
         for item in federation_config:
             cmd += ["--federation-config", item]
-        result = deploy.run_logged(cmd, work / "flwr-run.log", env=env, timeout=timeout, cwd=work)
+        log = work / "flwr-run.log"
+        result = processes.run_logged(cmd, log, env=env, timeout=timeout, cwd=work)
         if result.returncode != 0:  # e.g. the FAB could not be built: nothing was started
             return result, "not started"
-        run_id = deploy.started_run_id(result.output)
-        return result, deploy.run_status("local-sim", run_id, env=env)
+        run_id = flower.started_run_id(result.output)
+        return result, flower.run_status("local-sim", run_id, env=env)
     finally:
-        deploy.stop_process(superlink)
+        processes.stop_process(superlink)
 
 
 def _logs(work: Path) -> str:

@@ -10,6 +10,7 @@ from server.store.errors import (
 from server.store.redaction import find_secrets, redact_secrets
 from server.store.schema import head_revision, upgrade
 from server.store.store import (
+    CheckpointSignature,
     ClientResultInfo,
     EventInfo,
     RoundInfo,
@@ -22,6 +23,7 @@ from server.store.urls import ENV_VAR, resolve_db_url
 __all__ = [
     "ENV_VAR",
     "CheckpointCorruptError",
+    "CheckpointSignature",
     "ClientResultInfo",
     "EventInfo",
     "RoundInfo",

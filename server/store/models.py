@@ -70,6 +70,11 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(nullable=False, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
     last_round: Mapped[int | None] = mapped_column(Integer)
+    # Audit (revision 0002): OS user@host that started it, the id of the key that signs its
+    # checkpoints (None: unsigned), and Flower's run id when it ran under a SuperLink.
+    started_by: Mapped[str | None] = mapped_column(String(200))
+    signing_key_id: Mapped[str | None] = mapped_column(String(64))
+    flower_run_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class Round(Base):
@@ -137,6 +142,9 @@ class Checkpoint(Base):
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)  # of the uncompressed bytes
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)  # uncompressed length
     created_at: Mapped[datetime] = mapped_column(nullable=False, default=utcnow)
+    # Ed25519 signature by the server key (server.security.checkpoints); None: unsigned.
+    signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Event(Base):

@@ -76,6 +76,20 @@ class RunInfo:
     last_round: int | None
     num_rounds: int = 0
     final_accuracy: float | None = None
+    started_by: str | None = None  # OS user@host that created the run
+    signing_key_id: str | None = None  # key that signs its checkpoints; None: unsigned
+    flower_run_id: str | None = None  # Flower's run id when a SuperLink ran it
+
+
+@dataclass(frozen=True)
+class CheckpointSignature:
+    """What a checkpoint signature covers, as recorded (the blob itself is not loaded)."""
+
+    round: int
+    sha256: str
+    size: int
+    signature: bytes | None
+    key_id: str | None
 
 
 @dataclass(frozen=True)
@@ -285,6 +299,9 @@ class RunStore:
         name: str | None = None,
         *,
         code_version_str: str | None = None,
+        started_by: str | None = None,
+        signing_key_id: str | None = None,
+        flower_run_id: str | None = None,
     ) -> str:
         """Store a new run in status "running" and return its id (32 hex chars).
 
@@ -311,6 +328,9 @@ class RunStore:
             code_version=(code_version_str or code_version())[:100],
             status="running",
             created_at=utcnow(),
+            started_by=None if started_by is None else started_by[:200],
+            signing_key_id=_short(signing_key_id, 64, "signing_key_id"),
+            flower_run_id=_short(flower_run_id, 32, "flower_run_id"),
         )
         with self._session(write=True) as s:
             s.add(row)
@@ -372,6 +392,9 @@ class RunStore:
             last_round=run.last_round,
             num_rounds=int(num_rounds),
             final_accuracy=acc,
+            started_by=run.started_by,
+            signing_key_id=run.signing_key_id,
+            flower_run_id=run.flower_run_id,
         )
 
     def get_run(self, run_id: str) -> RunInfo:
@@ -405,10 +428,12 @@ class RunStore:
         events: Sequence[Mapping[str, Any]] = (),
         train_loss: float | None = None,
         accuracy: float | None = None,
+        checkpoint_signature: tuple[bytes, str] | None = None,
     ) -> None:
         """Write everything about one round in ONE transaction: all of it or none of it.
 
         `train_loss` / `accuracy` default to metrics["train_loss"] / metrics["accuracy"].
+        `checkpoint_signature` is (Ed25519 signature, key id), stored beside the checkpoint.
         client_results items: node_id, accepted, and optional metrics, upload_bytes,
         download_bytes, reason. events items: kind, and optional node_id, detail, round.
         """
@@ -442,7 +467,9 @@ class RunStore:
         elif layer_densities is not None:
             raise StoreError("layer_densities given without mask_blob")
         if checkpoint is not None:
-            rows.append(_checkpoint_row(run_id, round, checkpoint))
+            rows.append(_checkpoint_row(run_id, round, checkpoint, checkpoint_signature))
+        elif checkpoint_signature is not None:
+            raise StoreError("checkpoint_signature given without checkpoint")
         rows += [_event_row(run_id, round, i, e) for i, e in enumerate(events)]
         with self._session(write=True) as s:
             run = self._run(s, run_id)
@@ -590,6 +617,32 @@ class RunStore:
             ).first()
             return None if row is None else (row[0], row[1])
 
+    def checkpoint_signatures(self, run_id: str) -> list[CheckpointSignature]:
+        """Recorded SHA-256, size, signature and key id of every checkpoint, in round order."""
+        with self._session() as s:
+            self._run(s, run_id)
+            q = (
+                select(
+                    Checkpoint.round,
+                    Checkpoint.sha256,
+                    Checkpoint.size,
+                    Checkpoint.signature,
+                    Checkpoint.key_id,
+                )
+                .where(Checkpoint.run_id == run_id)
+                .order_by(Checkpoint.round)
+            )
+            return [
+                CheckpointSignature(r, sha, size, None if sig is None else bytes(sig), kid)
+                for r, sha, size, sig, kid in s.execute(q).all()
+            ]
+
+    def has_signed_checkpoints(self) -> bool:
+        """Whether any run in this store has a signed checkpoint."""
+        with self._session() as s:
+            q = select(Checkpoint.id).where(Checkpoint.signature.is_not(None)).limit(1)
+            return s.scalar(q) is not None
+
     def _checkpoint(self, run_id: str, round: int | None) -> tuple[int, bytes] | None:
         with self._session() as s:
             self._run(s, run_id)
@@ -652,10 +705,28 @@ def _mask_row(
     )
 
 
-def _checkpoint_row(run_id: str, round: int, data: bytes) -> Checkpoint:
+def _short(value: str | None, limit: int, where: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value or len(value) > limit):
+        raise StoreError(f"{where} must be a non-empty str of <= {limit} chars")
+    return value
+
+
+def _checkpoint_row(
+    run_id: str, round: int, data: bytes, signature: tuple[bytes, str] | None
+) -> Checkpoint:
     blob, sha, size = _pack(data, "checkpoint")
+    sig, kid = (None, None) if signature is None else signature
+    if sig is not None and not isinstance(sig, bytes):
+        raise StoreError(f"checkpoint signature must be bytes, got {type(sig).__name__}")
     return Checkpoint(
-        run_id=run_id, round=round, blob=blob, sha256=sha, size=size, created_at=utcnow()
+        run_id=run_id,
+        round=round,
+        blob=blob,
+        sha256=sha,
+        size=size,
+        created_at=utcnow(),
+        signature=sig,
+        key_id=_short(kid, 64, "checkpoint key_id"),
     )
 
 

@@ -23,21 +23,23 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from typer.testing import CliRunner
 
-from simulations import deploy
+from server.security import errors, flower, node_keys, processes
+from server.security import tls as tls_files
+from simulations import deploy as deploy_cli
 
 # ----------------------------------------------------------------------------- TLS
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> deploy.TLSFiles:
-    return deploy.generate_tls(tmp_path_factory.mktemp("certs"))
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tls_files.TLSFiles:
+    return tls_files.generate_tls(tmp_path_factory.mktemp("certs"))
 
 
 def _cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def test_tls_files_and_private_key_modes(tls: deploy.TLSFiles) -> None:
+def test_tls_files_and_private_key_modes(tls: tls_files.TLSFiles) -> None:
     for path in (tls.ca_cert, tls.ca_key, tls.server_cert, tls.server_key):
         assert path.is_file() and path.stat().st_size > 0
     for key in (tls.ca_key, tls.server_key):
@@ -46,7 +48,7 @@ def test_tls_files_and_private_key_modes(tls: deploy.TLSFiles) -> None:
         assert stat.S_IMODE(cert.stat().st_mode) == 0o644  # certificates are public
 
 
-def test_ca_signs_server_cert_with_sans(tls: deploy.TLSFiles) -> None:
+def test_ca_signs_server_cert_with_sans(tls: tls_files.TLSFiles) -> None:
     ca, server = _cert(tls.ca_cert), _cert(tls.server_cert)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
     assert server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
@@ -59,7 +61,7 @@ def test_ca_signs_server_cert_with_sans(tls: deploy.TLSFiles) -> None:
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
-def test_tls_handshake_verifies_against_ca(tls: deploy.TLSFiles, host: str) -> None:
+def test_tls_handshake_verifies_against_ca(tls: tls_files.TLSFiles, host: str) -> None:
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(tls.server_cert, tls.server_key)
     client_ctx = ssl.create_default_context(cafile=str(tls.ca_cert))  # checks hostname too
@@ -86,7 +88,7 @@ def test_tls_handshake_verifies_against_ca(tls: deploy.TLSFiles, host: str) -> N
         assert not errors
 
 
-def test_wrong_hostname_is_rejected(tls: deploy.TLSFiles) -> None:
+def test_wrong_hostname_is_rejected(tls: tls_files.TLSFiles) -> None:
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(tls.server_cert, tls.server_key)
     client_ctx = ssl.create_default_context(cafile=str(tls.ca_cert))
@@ -111,7 +113,8 @@ def test_wrong_hostname_is_rejected(tls: deploy.TLSFiles) -> None:
 
 
 def test_rsa_and_custom_hosts(tmp_path: Path) -> None:
-    files = deploy.generate_tls(tmp_path, ["link.example.org", "10.0.0.5"], key_type="rsa", days=2)
+    hosts = ["link.example.org", "10.0.0.5"]
+    files = tls_files.generate_tls(tmp_path, hosts, key_type="rsa", days=2)
     server = _cert(files.server_cert)
     assert isinstance(server.public_key(), rsa.RSAPublicKey)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -132,15 +135,15 @@ def test_rsa_and_custom_hosts(tmp_path: Path) -> None:
 def test_generate_tls_rejects_bad_arguments(
     tmp_path: Path, kwargs: dict[str, object], message: str
 ) -> None:
-    with pytest.raises(deploy.DeployError, match=message):
-        deploy.generate_tls(tmp_path, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(errors.DeployError, match=message):
+        tls_files.generate_tls(tmp_path, **kwargs)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------- node keys
 
 
 def test_node_keys_are_openssh_p384_pairs(tmp_path: Path) -> None:
-    pairs = deploy.generate_node_keys(tmp_path, 3)
+    pairs = node_keys.generate_node_keys(tmp_path, 3)
     assert [p.private_key.name for p in pairs] == ["node-0", "node-1", "node-2"]
     assert [p.public_key.name for p in pairs] == ["node-0.pub", "node-1.pub", "node-2.pub"]
     publics = set()
@@ -159,25 +162,25 @@ def test_node_keys_are_openssh_p384_pairs(tmp_path: Path) -> None:
 def test_node_keys_accepted_by_flower(tmp_path: Path) -> None:
     from flwr.cli.supernode.register import try_load_public_key
 
-    pair = deploy.generate_node_keys(tmp_path, 1, prefix="clinic")[0]
+    pair = node_keys.generate_node_keys(tmp_path, 1, prefix="clinic")[0]
     assert pair.private_key.name == "clinic-0"
     assert try_load_public_key(pair.public_key)  # Flower's own NIST-curve check
 
 
 def test_node_keys_rejects_zero(tmp_path: Path) -> None:
-    with pytest.raises(deploy.DeployError, match="nodes"):
-        deploy.generate_node_keys(tmp_path, 0)
+    with pytest.raises(errors.DeployError, match="nodes"):
+        node_keys.generate_node_keys(tmp_path, 0)
 
 
 # ---------------------------------------------------------------- Flower config.toml
 
 
 def test_write_connection_tls_round_trips_through_flower(
-    tmp_path: Path, tls: deploy.TLSFiles, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tls: tls_files.TLSFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flwr.cli.flower_config import read_superlink_connection
 
-    path = deploy.write_connection(
+    path = flower.write_connection(
         tmp_path, "hospital", "link.example.org:9093", root_certificates=tls.ca_cert
     )
     data = tomllib.loads(path.read_text())
@@ -191,7 +194,7 @@ def test_write_connection_tls_round_trips_through_flower(
 
 
 def test_write_connection_insecure_and_options(tmp_path: Path) -> None:
-    path = deploy.write_connection(
+    path = flower.write_connection(
         tmp_path,
         "sim",
         ":local:",
@@ -213,8 +216,8 @@ def test_write_connection_insecure_and_options(tmp_path: Path) -> None:
     [("bad name", {}), ("ok", {"insecure": True, "root_certificates": "ca.crt"})],
 )
 def test_write_connection_rejects(tmp_path: Path, name: str, kwargs: dict[str, object]) -> None:
-    with pytest.raises(deploy.DeployError):
-        deploy.write_connection(tmp_path, name, "127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(errors.DeployError):
+        flower.write_connection(tmp_path, name, "127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------- command builders
@@ -231,39 +234,39 @@ def test_node_config_arg_parses_back_in_flower() -> None:
         "frac": 0.5,
         "flag": True,
     }
-    arg = deploy.node_config_arg(cfg)
+    arg = flower.node_config_arg(cfg)
     assert arg.startswith('data-path="/my site/data.npz" ')
     assert parse_config_args([arg]) == cfg
     for bad in ({}, {"x": 'it\'s "both"'}, {"x": "two\nlines"}, {"a b": 1}, {"a=b": 1}):
-        with pytest.raises(deploy.DeployError):
-            deploy.node_config_arg(bad)
+        with pytest.raises(errors.DeployError):
+            flower.node_config_arg(bad)
 
 
-def test_superlink_and_supernode_commands(tls: deploy.TLSFiles) -> None:
-    cmd = deploy.superlink_command(9093, tls, supernode_auth=True, host="0.0.0.0")
+def test_superlink_and_supernode_commands(tls: tls_files.TLSFiles) -> None:
+    cmd = flower.superlink_command(9093, tls, supernode_auth=True, host="0.0.0.0")
     assert cmd[:5] == ["flower-superlink", "--host", "0.0.0.0", "--port", "9093"]
     assert cmd[cmd.index("--ssl-certfile") + 1] == str(tls.server_cert)
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
     assert "--disable-runtime-dependency-installation" in cmd
-    sim = deploy.superlink_command(1234, None, simulation=True, database="state.db")
+    sim = flower.superlink_command(1234, None, simulation=True, database="state.db")
     assert "--insecure" in sim and "--simulation" in sim and "state.db" in sim
-    with pytest.raises(deploy.DeployError, match="TLS"):
-        deploy.superlink_command(1, None, supernode_auth=True)
+    with pytest.raises(errors.DeployError, match="TLS"):
+        flower.superlink_command(1, None, supernode_auth=True)
 
-    node = deploy.supernode_command(
+    node = flower.supernode_command(
         "link:9093", 9094, {"data-path": "/d.npz"}, ca_cert=tls.ca_cert, private_key="k"
     )
     assert node[node.index("--root-certificates") + 1] == str(tls.ca_cert)
     assert node[node.index("--auth-supernode-private-key") + 1] == "k"
     assert node[-2:] == ["--node-config", 'data-path="/d.npz"']
-    insecure = deploy.supernode_command("l:1", 2, {"a": 1}, ca_cert=None, max_retries=0)
+    insecure = flower.supernode_command("l:1", 2, {"a": 1}, ca_cert=None, max_retries=0)
     assert "--insecure" in insecure and insecure[insecure.index("--max-retries") + 1] == "0"
 
 
 def test_started_run_id() -> None:
-    assert deploy.started_run_id("x\nSuccessfully started run 123456789\n") == 123456789
-    with pytest.raises(deploy.DeployError):
-        deploy.started_run_id("Failed to start run")
+    assert flower.started_run_id("x\nSuccessfully started run 123456789\n") == 123456789
+    with pytest.raises(errors.DeployError):
+        flower.started_run_id("Failed to start run")
 
 
 def test_copy_app_skips_venv_and_caches(tmp_path: Path) -> None:
@@ -275,15 +278,15 @@ def test_copy_app_skips_venv_and_caches(tmp_path: Path) -> None:
     (src / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
     (src / ".venv" / "lib" / "big.py").write_text("")
     (src / "run.db").write_bytes(b"\0")
-    dst = deploy.copy_app(src, tmp_path / "dst")
+    dst = flower.copy_app(src, tmp_path / "dst")
     copied = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file())
     assert copied == ["pkg/a.py", "pyproject.toml"]
-    with pytest.raises(deploy.DeployError, match="pyproject"):
-        deploy.copy_app(tmp_path / "dst" / "pkg", tmp_path / "again")
+    with pytest.raises(errors.DeployError, match="pyproject"):
+        flower.copy_app(tmp_path / "dst" / "pkg", tmp_path / "again")
 
 
 def test_flwr_env_is_offline(tmp_path: Path) -> None:
-    env = deploy.flwr_env(tmp_path, base={"PATH": "/usr/bin"})
+    env = flower.flwr_env(tmp_path, base={"PATH": "/usr/bin"})
     assert env["FLWR_HOME"] == str(tmp_path)
     assert env["FLWR_TELEMETRY_ENABLED"] == "0"
     assert env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
@@ -295,7 +298,7 @@ def test_flwr_env_is_offline(tmp_path: Path) -> None:
 
 
 def test_free_port_is_bindable() -> None:
-    port = deploy.free_port()
+    port = processes.free_port()
     with socket.create_server(("127.0.0.1", port)):
         pass
 
@@ -322,7 +325,7 @@ def _alive(pid: int) -> bool:
 
 def test_stop_process_stops_detached_children(tmp_path: Path) -> None:
     log = tmp_path / "spawner.log"
-    proc = deploy.start_process([sys.executable, "-c", _SPAWNER], log)
+    proc = processes.start_process([sys.executable, "-c", _SPAWNER], log)
     try:
         deadline = time.monotonic() + 10
         while not log.read_text().strip() and time.monotonic() < deadline:
@@ -330,9 +333,9 @@ def test_stop_process_stops_detached_children(tmp_path: Path) -> None:
         child = int(log.read_text().split()[0])
         assert os.getpgid(proc.pid) == proc.pid  # its own process group
         assert os.getpgid(child) != proc.pid  # the child escaped that group
-        assert deploy.descendants(proc.pid) == [child]
+        assert processes.descendants(proc.pid) == [child]
     finally:
-        code = deploy.stop_process(proc, timeout=5)
+        code = processes.stop_process(proc, timeout=5)
     assert code == -signal.SIGTERM
     deadline = time.monotonic() + 5
     while _alive(child) and time.monotonic() < deadline:
@@ -341,9 +344,9 @@ def test_stop_process_stops_detached_children(tmp_path: Path) -> None:
 
 
 def test_run_logged_output_and_timeout(tmp_path: Path) -> None:
-    ok = deploy.run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "ok.log")
+    ok = processes.run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "ok.log")
     assert ok.returncode == 0 and ok.output.strip() == "hello"
-    slow = deploy.run_logged(
+    slow = processes.run_logged(
         [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "slow.log", timeout=0.5
     )
     assert slow.returncode is None and slow.seconds < 15
@@ -371,17 +374,17 @@ def health_server() -> Iterator[int]:
 
 
 def test_wait_for_health(health_server: int) -> None:
-    deploy.wait_for_health(f"127.0.0.1:{health_server}", timeout=5)
+    processes.wait_for_health(f"127.0.0.1:{health_server}", timeout=5)
 
 
 def test_wait_for_health_times_out_or_sees_exit(tmp_path: Path) -> None:
-    port = deploy.free_port()
-    with pytest.raises(deploy.DeployError, match="not healthy"):
-        deploy.wait_for_health(f"127.0.0.1:{port}", timeout=0.5)
+    port = processes.free_port()
+    with pytest.raises(errors.DeployError, match="not healthy"):
+        processes.wait_for_health(f"127.0.0.1:{port}", timeout=0.5)
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     dead.wait()
-    with pytest.raises(deploy.DeployError, match="exited with 3"):
-        deploy.wait_for_health(f"127.0.0.1:{port}", timeout=5, proc=dead)
+    with pytest.raises(errors.DeployError, match="exited with 3"):
+        processes.wait_for_health(f"127.0.0.1:{port}", timeout=5, proc=dead)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -389,7 +392,7 @@ def test_wait_for_health_times_out_or_sees_exit(tmp_path: Path) -> None:
 
 def test_cli_certs_and_keys(tmp_path: Path) -> None:
     app = typer.Typer()
-    deploy.register(app)
+    deploy_cli.register(app)
     runner = CliRunner()
     res = runner.invoke(app, ["deploy", "certs", "--out", str(tmp_path / "c"), "--host", "x.org"])
     assert res.exit_code == 0, res.output

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations import deploy
+from server.security import flower, node_keys, processes
+from server.security import tls as tls_files
 
 REPO = Path(__file__).resolve().parents[2]
 CONNECTION = "site-link"
@@ -91,27 +92,27 @@ def deploy_and_run(
     code and log of the unregistered SuperNode.
     """
     home = work / "flwr-home"
-    env = deploy.flwr_env(home)
+    env = flower.flwr_env(home)
     # The ServerApp records the run; keep its SQLite store out of the repository.
     env["LEANFED_DB_URL"] = f"sqlite:///{work / 'runs.db'}"
-    tls = deploy.generate_tls(work / "certs")
-    keys = deploy.generate_node_keys(work / "keys", len(node_configs) + 1)
-    app = deploy.copy_app(app_src, work / "app")
-    port = deploy.free_port()
+    tls = tls_files.generate_tls(work / "certs")
+    keys = node_keys.generate_node_keys(work / "keys", len(node_configs) + 1)
+    app = flower.copy_app(app_src, work / "app")
+    port = processes.free_port()
     address = f"127.0.0.1:{port}"
-    deploy.write_connection(home, CONNECTION, address, root_certificates=tls.ca_cert)
+    flower.write_connection(home, CONNECTION, address, root_certificates=tls.ca_cert)
 
     procs: list[subprocess.Popen[bytes]] = []
     out: dict[str, object] = {}
     try:
-        superlink = deploy.start_process(
-            deploy.superlink_command(port, tls, supernode_auth=True),
+        superlink = processes.start_process(
+            flower.superlink_command(port, tls, supernode_auth=True),
             work / "superlink.log",
             env=env,
             cwd=work,
         )
         procs.append(superlink)
-        deploy.wait_for_health(address, ca_cert=tls.ca_cert, proc=superlink, timeout=60)
+        processes.wait_for_health(address, ca_cert=tls.ca_cert, proc=superlink, timeout=60)
 
         for pair in keys[:-1]:
             reg = _register(pair.public_key, env)
@@ -119,20 +120,21 @@ def deploy_and_run(
             assert "registered successfully" in reg.stdout, reg.stdout
 
         for i, (pair, node_config) in enumerate(zip(keys[:-1], node_configs, strict=True)):
-            cmd = deploy.supernode_command(
+            cmd = flower.supernode_command(
                 address,
-                deploy.free_port(),
+                processes.free_port(),
                 node_config,
                 ca_cert=tls.ca_cert,
                 private_key=pair.private_key,
             )
-            procs.append(deploy.start_process(cmd, work / f"supernode-{i}.log", env=env, cwd=work))
+            log = work / f"supernode-{i}.log"
+            procs.append(processes.start_process(cmd, log, env=env, cwd=work))
 
         # The intruder: valid TLS trust, but its public key was never registered.
-        intruder = deploy.start_process(
-            deploy.supernode_command(
+        intruder = processes.start_process(
+            flower.supernode_command(
                 address,
-                deploy.free_port(),
+                processes.free_port(),
                 {"data-path": str(work / "nowhere.npz")},
                 ca_cert=tls.ca_cert,
                 private_key=keys[-1].private_key,
@@ -152,18 +154,18 @@ def deploy_and_run(
         cmd = ["flwr", "run", str(app), CONNECTION, "--stream"]
         for item in run_config:
             cmd += ["--run-config", item]
-        result = deploy.run_logged(
+        result = processes.run_logged(
             cmd, work / "flwr-run.log", env=env, timeout=RUN_TIMEOUT_S, cwd=work
         )
         out["result"] = result
         out["status"] = (
-            deploy.run_status(CONNECTION, deploy.started_run_id(result.output), env=env)
+            flower.run_status(CONNECTION, flower.started_run_id(result.output), env=env)
             if result.returncode == 0
             else "not started"
         )
     finally:
         for proc in reversed(procs):
-            deploy.stop_process(proc)
+            processes.stop_process(proc)
     out["intruder_log"] = (work / "supernode-unregistered.log").read_text(errors="replace")
     out["superlink_log"] = (work / "superlink.log").read_text(errors="replace")
     return out
@@ -180,7 +182,7 @@ def test_tls_deployment_with_supernode_auth(tmp_path: Path) -> None:
         REPO, tmp_path, [{"data-path": str(p)} for p in sites], run_config=RUN_CONFIG
     )
     result = out["result"]
-    assert isinstance(result, deploy.CliResult)
+    assert isinstance(result, processes.CliResult)
     assert result.returncode == 0, _logs(tmp_path)
     assert out["status"] == "finished:completed", _logs(tmp_path)
     # leanfed's strategy logs its aggregated MetricRecord: both replies accepted, none rejected.

@@ -1,0 +1,1 @@
+"""Deployment security: TLS, node keys, signing keys, signed checkpoints, trusted apps, proxy."""
