@@ -7,9 +7,10 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from server.security.apps import AppRegistry, sign_app_dir, write_trusted_entities
 from server.security.errors import DeployError
 from server.security.node_keys import generate_node_keys
-from server.security.signing import generate_signing_key
+from server.security.signing import generate_signing_key, signer_from
 from server.security.tls import DEFAULT_HOSTS, generate_tls
 from server.store import StoreError
 from simulations.edge import new_app, print_error
@@ -77,6 +78,60 @@ def signing_key(
     typer.echo(f"public key   {files.public_key}  (sites' trusted entities, verifiers)")
     typer.echo(f"key id       {files.key_id}")
     typer.echo(f"use it:      export LEANFED_SIGNING_KEY={files.private_key.resolve()}")
+
+
+KeyOption = Annotated[
+    str | None,
+    typer.Option("--signing-key", help="Ed25519 private key; default $LEANFED_SIGNING_KEY"),
+]
+
+
+@deploy_app.command("sign-app")
+def sign_app(
+    out: Annotated[Path, typer.Option("--out", help="App registry folder (FABs + signatures)")],
+    app_dir: Annotated[Path, typer.Argument(help="Flower App folder")] = Path("."),
+    signing_key: KeyOption = None,
+) -> None:
+    """Build the app's FAB as `flwr run` would and sign it for sites' --trusted-entities."""
+    try:
+        signer = signer_from(signing_key)
+        if signer is None:
+            fail("no signing key: pass --signing-key or set LEANFED_SIGNING_KEY")
+        signed = sign_app_dir(app_dir, out, signer)
+    except (DeployError, StoreError) as err:
+        fail(str(err))
+    typer.echo(f"signed FAB   {signed.fab}  ({signed.verification.name})")
+    typer.echo(f"key id       {signer.key_id}")
+    typer.echo(f"run it:      flwr run {signed.spec} CONNECTION")
+
+
+@deploy_app.command("trusted-entities")
+def trusted_entities(
+    out: Annotated[Path, typer.Option("--out", help="YAML file for flower-supernode")],
+    public_key: Annotated[list[Path], typer.Argument(help="Trusted signing public key(s)")],
+) -> None:
+    """Write the `--trusted-entities` YAML a site's SuperNode runs with."""
+    try:
+        path = write_trusted_entities(out, public_key)
+    except (DeployError, StoreError) as err:
+        fail(str(err))
+    typer.echo(f"wrote {path}; start sites with: flower-supernode ... --trusted-entities {path}")
+
+
+@deploy_app.command("app-registry")
+def app_registry(
+    folder: Annotated[Path, typer.Option("--dir", help="Folder written by `sign-app`")],
+    port: Annotated[int, typer.Option(help="Loopback port")] = 9180,
+) -> None:
+    """Serve signed FABs to the SuperLink (Flower's hub protocol) on 127.0.0.1 until Ctrl-C."""
+    if not folder.is_dir():
+        fail(f"{folder} is not a folder")
+    registry = AppRegistry(folder, "127.0.0.1", port)
+    typer.echo(f"start the SuperLink with FLWR_SUPERGRID_API_URL={registry.api_url}")
+    try:
+        registry.serve_forever()
+    except KeyboardInterrupt:
+        registry.stop()
 
 
 def register(app: typer.Typer) -> None:

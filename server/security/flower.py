@@ -165,6 +165,7 @@ def supernode_command(
     host: str = "127.0.0.1",
     max_retries: int | None = None,
     max_wait_time: float | None = None,
+    trusted_entities: Path | str | None = None,
 ) -> list[str]:
     """``flower-supernode`` argv.
 
@@ -176,6 +177,9 @@ def supernode_command(
     cmd += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
+    if trusted_entities is not None:
+        # Only FABs signed by a key in this YAML run here (server.security.apps).
+        cmd += ["--trusted-entities", str(trusted_entities)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:
