@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from strategies.sparse.units import Consumer, UnitGroup
+
 MODELS: tuple[str, ...] = ("cnn", "transformer", "gnn", "mlp")
 
 
@@ -47,6 +49,7 @@ class SmallCNN(nn.Module):
         self.conv1 = nn.Conv2d(c, 16, 3, padding=1)  # [B, C, H, W] -> [B, 16, H, W]
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)  # [B, 16, H/2, W/2] -> [B, 32, H/2, W/2]
         flat = 32 * (h // 4) * (w // 4)  # 1568 for 28x28, 128 for 8x8
+        self._spatial = (h // 4) * (w // 4)
         self.fc1 = nn.Linear(flat, 128)
         self.fc2 = nn.Linear(128, num_classes)
 
@@ -55,6 +58,19 @@ class SmallCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # [B, 32, H/4, W/4]
         x = F.relu(self.fc1(x.flatten(1)))  # [B, 128]
         return self.fc2(x)  # [B, classes]
+
+    def unit_groups(self) -> list[UnitGroup]:
+        """conv1 -> conv2, conv2 -> fc1 (flattened [32, H/4, W/4]: blocked), fc1 -> fc2."""
+        return [
+            UnitGroup("conv1.weight", ("conv1.bias",), (), (Consumer("conv2.weight"),)),
+            UnitGroup(
+                "conv2.weight",
+                ("conv2.bias",),
+                (),
+                (Consumer("fc1.weight", spatial=self._spatial),),
+            ),
+            UnitGroup("fc1.weight", ("fc1.bias",), (), (Consumer("fc2.weight"),)),
+        ]
 
 
 # ------------------------------------------------------------------ transformer
@@ -100,6 +116,18 @@ class RowTransformer(nn.Module):
         z = self.embed(tokens) + self.pos_embedding  # [B, T, d]
         z = self.encoder(z)  # [B, T, d]
         return self.head(z.mean(dim=1))  # mean-pool over tokens -> [B, classes]
+
+    def unit_groups(self) -> list[UnitGroup]:
+        """MLP width of every encoder layer: linear1 units -> ReLU -> linear2 columns."""
+        return [
+            UnitGroup(
+                f"encoder.layers.{i}.linear1.weight",
+                (f"encoder.layers.{i}.linear1.bias",),
+                (),
+                (Consumer(f"encoder.layers.{i}.linear2.weight"),),
+            )
+            for i in range(len(self.encoder.layers))
+        ]
 
 
 # ------------------------------------------------------------------ GNN
@@ -208,6 +236,33 @@ class GridGNN(nn.Module):
         flat = F.relu(self.flat(self.node_proj(z).flatten(1)))  # [B, N*node_proj] -> [B, readout]
         return self.head(torch.cat([pooled, flat], dim=1))  # [B, classes]
 
+    def unit_groups(self) -> list[UnitGroup]:
+        """GCN layer i -> layer i+1; the last GCN -> head (mean and max blocks) and node_proj;
+        node_proj -> flat (flattened [N, node_proj]: interleaved); flat -> head."""
+        n_conv = len(self.convs)
+        hidden = self.node_proj.in_features
+        groups = [
+            UnitGroup(
+                f"convs.{i}.lin.weight",
+                (f"convs.{i}.bias",),
+                (),
+                (Consumer(f"convs.{i + 1}.lin.weight"),),
+            )
+            for i in range(n_conv - 1)
+        ]
+        last = n_conv - 1
+        readers = (
+            Consumer("head.weight"),
+            Consumer("head.weight", offset=hidden),
+            Consumer("node_proj.weight"),
+        )
+        groups.append(UnitGroup(f"convs.{last}.lin.weight", (f"convs.{last}.bias",), (), readers))
+        flat_in = (Consumer("flat.weight", spatial=self.num_nodes, layout="interleaved"),)
+        groups.append(UnitGroup("node_proj.weight", ("node_proj.bias",), (), flat_in))
+        head_in = (Consumer("head.weight", offset=2 * hidden),)
+        groups.append(UnitGroup("flat.weight", ("flat.bias",), (), head_in))
+        return groups
+
 
 # ------------------------------------------------------------------ MLP
 
@@ -228,6 +283,13 @@ class MLP(nn.Module):
         x = F.relu(self.fc1(x.flatten(1)))  # [B, h0]
         x = F.relu(self.fc2(x))  # [B, h1]
         return self.fc3(x)  # [B, classes]
+
+    def unit_groups(self) -> list[UnitGroup]:
+        """fc1 -> fc2 -> fc3."""
+        return [
+            UnitGroup("fc1.weight", ("fc1.bias",), (), (Consumer("fc2.weight"),)),
+            UnitGroup("fc2.weight", ("fc2.bias",), (), (Consumer("fc3.weight"),)),
+        ]
 
 
 # ------------------------------------------------------------------ registry

@@ -17,13 +17,14 @@ Byzantine-robust rules of `strategies.aggregation.robust`: "clipped-median", "kr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from strategies.sparse.masks import Mask
+from strategies.sparse.structured import structured_vote
 
 
 @dataclass
@@ -186,11 +187,14 @@ def consensus_mask(
     updates: list[ClientUpdate],
     target_densities: dict[str, float],
     values_for_tiebreak: dict[str, torch.Tensor],
+    structure: Mapping[str, str] | None = None,
 ) -> Mask:
     """FedDST mask vote: keep the top-k coordinates per layer by examples-weighted votes.
 
     votes_l = sum_i n_i * m_i,l ; k_l = clamp(round(d_l * numel_l), 1, numel_l). Ties in
-    votes go to the larger |values_for_tiebreak|, then to the lower flat index.
+    votes go to the larger |values_for_tiebreak|, then to the lower flat index. A layer with a
+    ``structure`` ("channel" | "fanin" | "nm") votes whole units / k entries per unit / N per
+    group instead (``strategies.sparse.structured.structured_vote``).
     """
     if not updates:
         raise ValueError("cannot vote a consensus mask from no client updates")
@@ -202,6 +206,10 @@ def consensus_mask(
             raise ValueError(f"no tie-break values for masked key {key!r}")
         _, keep, w = stack_kept(updates, key)
         votes = (keep.to(torch.float64) * w.view(-1, *([1] * (keep.dim() - 1)))).sum(0)
+        kind = (structure or {}).get(key, "none")
+        if kind != "none":
+            out[key] = structured_vote(votes, kind, density, values_for_tiebreak[key])
+            continue
         flat_votes = votes.reshape(-1)
         n = flat_votes.numel()
         k = min(n, max(1, round(density * n)))

@@ -14,6 +14,10 @@ Rules:
              f(t) = alpha/2 (1 + cos(pi t / T_end)) every ``update_interval`` steps.
 - ``gmp``    starts dense and magnitude-prunes to the cubic schedule density (Zhu & Gupta
              2017) -- "shed parameters while learning"; never regrows.
+- ``channel`` RigL over whole output units where the model declares unit groups
+             (``units.UnitGroup``), constant fan-in elsewhere; ``srigl`` constant fan-in
+             everywhere (Lasby et al. 2023); ``nm`` 2:4 groups (``structured``). Dead units'
+             biases / BN shifts are held at 0 so ``condense`` can remove them exactly.
 
 Per layer, n_drop = round(f * active_l), capped at the layer's inactive count so the grow set
 (taken from entries inactive BEFORE the drop) always exists. Invariants, checked in code:
@@ -28,13 +32,13 @@ All randomness comes from one ``torch.Generator`` so runs are reproducible given
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from strategies.sparse.density import DENSITY_RULES, layer_density_rule
+from strategies.sparse.density import layer_density_rule
+from strategies.sparse.dst_config import RULE_TABLE, RULES, STRUCTURED_RULES, DSTConfig
 from strategies.sparse.masks import (
     Mask,
     MaskError,
@@ -57,60 +61,11 @@ from strategies.sparse.prune_grow import (
 )
 from strategies.sparse.schedules import CosineDecay, GMPSchedule
 from strategies.sparse.scores import magnitude_score
+from strategies.sparse.structured import NM, structured_init
+from strategies.sparse.structured_rules import STRUCTURES
+from strategies.sparse.units import unit_groups, zero_dead_shifts
 
-__all__ = ["RULES", "RULE_TABLE", "DSTConfig", "DSTController"]
-
-RULES = ("dense", "static", "set", "rigl", "gmp")
-# rule -> (drop rule, grow rule) names in prune_grow's registries, for the prune+grow rules.
-RULE_TABLE: dict[str, tuple[str, str]] = {
-    "set": ("magnitude", "random"),
-    "rigl": ("magnitude", "gradient"),
-}
-
-
-@dataclass(frozen=True)
-class DSTConfig:
-    """Settings of one DST run; ``validate`` raises ValueError naming the bad field."""
-
-    rule: str = "rigl"  # "dense" | "static" | "set" | "rigl" | "gmp"
-    density: float = 0.1  # target overall density of the sparsifiable tensors
-    distribution: str = "erk"  # "erk" | "uniform"
-    drop_fraction: float = 0.3  # RigL alpha
-    update_interval: int = 100  # RigL delta T
-    end_fraction: float = 0.75  # topology updates stop at end_fraction * total_steps
-    gmp_start_fraction: float = 0.1
-    gmp_end_fraction: float = 0.75
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        if self.rule not in RULES:
-            raise ValueError(f"DSTConfig.rule must be one of {RULES}, got {self.rule!r}")
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"DSTConfig.density must be in (0, 1], got {self.density}")
-        if self.distribution not in DENSITY_RULES:
-            raise ValueError(
-                f"DSTConfig.distribution must be one of {sorted(DENSITY_RULES)}, "
-                f"got {self.distribution!r}"
-            )
-        if not 0.0 <= self.drop_fraction <= 1.0:
-            raise ValueError(f"DSTConfig.drop_fraction must be in [0, 1], got {self.drop_fraction}")
-        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int):
-            raise ValueError(
-                f"DSTConfig.update_interval must be an int, got {self.update_interval!r}"
-            )
-        if self.update_interval < 1:
-            raise ValueError(f"DSTConfig.update_interval must be >= 1, got {self.update_interval}")
-        if not 0.0 <= self.end_fraction <= 1.0:
-            raise ValueError(f"DSTConfig.end_fraction must be in [0, 1], got {self.end_fraction}")
-        if not 0.0 <= self.gmp_start_fraction < 1.0:
-            raise ValueError(
-                f"DSTConfig.gmp_start_fraction must be in [0, 1), got {self.gmp_start_fraction}"
-            )
-        if not self.gmp_start_fraction < self.gmp_end_fraction <= 1.0:
-            raise ValueError(
-                "DSTConfig.gmp_end_fraction must be in (gmp_start_fraction, 1], "
-                f"got {self.gmp_end_fraction}"
-            )
+__all__ = ["RULES", "RULE_TABLE", "STRUCTURED_RULES", "DSTConfig", "DSTController"]
 
 
 class DSTController:
@@ -150,6 +105,8 @@ class DSTController:
         self._distribution = layer_density_rule(config.distribution)
         self.step_count = 0
         self._dense_grads: dict[str, torch.Tensor] = {}
+        self.groups = unit_groups(model) if config.rule in STRUCTURED_RULES else []
+        self.structure = self._structures(config.rule)
 
         self.cosine: CosineDecay | None = None
         self.gmp: GMPSchedule | None = None
@@ -169,6 +126,9 @@ class DSTController:
             init = {k: v.clone() for k, v in mask.items()}
         elif config.rule in ("dense", "gmp"):
             init = ones_mask(self.shapes)
+        elif config.rule in STRUCTURED_RULES:
+            densities = self._distribution(self.shapes, config.density)
+            init = structured_init(self.shapes, densities, self.structure, self.generator)
         else:
             densities = self._distribution(self.shapes, config.density)
             init = random_mask(self.shapes, densities, self.generator)
@@ -199,7 +159,8 @@ class DSTController:
         if self.config.rule == "dense":
             return
         upcoming = self.step_count + 1
-        capture = self.config.rule == "rigl" and self.is_update_step(upcoming)
+        rigl_like = self.config.rule == "rigl" or self.config.rule in STRUCTURED_RULES
+        capture = rigl_like and self.is_update_step(upcoming)
         self._dense_grads = {}
         for n, p in self._params.items():
             g = p.grad
@@ -225,7 +186,7 @@ class DSTController:
             fraction = self.cosine(self.step_count)
             if fraction is not None:
                 drop_name, grow_name = RULE_TABLE[self.config.rule]
-                if grow_name == "gradient" and not self._dense_grads:
+                if grow_name.endswith("gradient") and not self._dense_grads:
                     raise RuntimeError(
                         f"step {self.step_count} is a RigL update step but no dense gradient "
                         "was captured: call after_backward() after loss.backward()"
@@ -266,8 +227,11 @@ class DSTController:
             for n, m in protected.items():
                 if n not in self.shapes or m.shape != self.shapes[n]:
                     raise MaskError(f"protected key {n!r} missing from mask or wrong shape")
+        drop, grow, fallback = "magnitude", "gradient", "random"
+        if self.config.rule in STRUCTURED_RULES:
+            drop, grow, fallback = (*RULE_TABLE[self.config.rule], "structured-random")
         return self._prune_grow(
-            fraction, "magnitude", "gradient", scores, fallback_grow="random", protected=protected
+            fraction, drop, grow, scores, fallback_grow=fallback, protected=protected
         )
 
     def set_mask(self, mask: Mask) -> None:
@@ -309,10 +273,29 @@ class DSTController:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _structures(self, rule: str) -> dict[str, str]:
+        # Per tensor: "channel" for declared unit producers under the channel rule, "nm" where
+        # the tensor splits into groups of M under the nm rule, else constant fan-in.
+        if rule not in STRUCTURED_RULES:
+            return {n: "none" for n in self.shapes}
+        producers = {g.producer for g in self.groups}
+        out = {}
+        for n, shape in self.shapes.items():
+            kind = "fanin"
+            if rule == "channel" and n in producers:
+                kind = "channel"
+            elif rule == "nm" and shape.numel() % NM[1] == 0:
+                kind = "nm"
+            out[n] = kind
+        assert set(out.values()) <= set(STRUCTURES)
+        return out
+
     def _apply(self) -> None:
         with torch.no_grad():
             for n, p in self._params.items():
                 p.masked_fill_(~self.mask[n], 0.0)
+        if self.groups:
+            zero_dead_shifts(self.model, self.mask, self.groups)
 
     def _reset_optimizer_state(self, name: str, positions: torch.Tensor) -> None:
         # Every per-parameter state tensor shaped like the weight (SGD momentum_buffer,
@@ -352,14 +335,21 @@ class DSTController:
                 continue
             grad = grads.get(n)
             grow_rule = get_grow_rule(grow_name if grad is not None else fallback_grow)
-            layer = LayerState(n, p.detach(), m, grad, self.generator)
-            if protected is not None and n in protected:
+            layer = LayerState(n, p.detach(), m, grad, self.generator, self.structure[n])
+            if protected is not None and n in protected and layer.structure != "none":
+                # Protected weights score +inf |w| (and their units +inf norm): never dropped.
+                w = p.detach().masked_fill(protected[n].to(m.device), float("inf"))
+                dropped = drop_rule(LayerState(n, w, m, grad, self.generator, layer.structure), k)
+            elif protected is not None and n in protected:
                 # Protected weights get +inf drop score, so they are never the lowest.
                 score = magnitude_score(p).masked_fill(protected[n].to(m.device), float("inf"))
                 dropped = drop_lowest(m, score, k)
             else:
                 dropped = drop_rule(layer, k)
             after = m & ~dropped
+            k = int(dropped.sum())  # structured drops round to whole units / rows
+            if k == 0:
+                continue
             grown = grow_rule(layer, after, dropped, k)
             new = after | grown
             check_prune_grow(m, dropped, grown, new, n)
@@ -370,6 +360,8 @@ class DSTController:
             self._reset_optimizer_state(n, dropped | grown)
             dropped_total += k
             grown_total += k
+        if self.groups:  # units that just died: their bias / BN shift goes to 0 too
+            zero_dead_shifts(self.model, self.mask, self.groups)
         return {"dropped": dropped_total, "grown": grown_total}
 
     def _gmp_prune(self, density: float) -> dict[str, int]:

@@ -167,6 +167,7 @@ class LayerState:
     mask: torch.Tensor
     dense_grad: torch.Tensor | None = None  # full dL/dW before masked grads are zeroed
     generator: torch.Generator | None = None
+    structure: str = "none"  # "none" | "channel" | "fanin" | "nm" (see ``structured``)
 
 
 class DropRule(Protocol):

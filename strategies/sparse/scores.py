@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gradient_score", "magnitude_score", "random_score", "taylor_score"]
+__all__ = [
+    "channel_gradient_score",
+    "channel_l2_score",
+    "gradient_score",
+    "magnitude_score",
+    "random_score",
+    "taylor_score",
+]
 
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
@@ -32,3 +39,14 @@ def random_score(
 def taylor_score(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """|w * g|: first-order Taylor saliency (Molchanov et al. 2017)."""
     return (weight.detach() * grad.detach()).abs()
+
+
+def channel_l2_score(weight: torch.Tensor) -> torch.Tensor:
+    """[units] L2 norm of every output unit's weights (filter-norm pruning, Li et al. 2017)."""
+    w = weight.detach().float()
+    return w.reshape(w.shape[0], -1).norm(dim=1)
+
+
+def channel_gradient_score(grad: torch.Tensor) -> torch.Tensor:
+    """[units] L2 norm of every unit's dense gradient: RigL's grow criterion per unit."""
+    return channel_l2_score(grad)
