@@ -137,7 +137,7 @@ def _markdown(
         f"# leanfed run report: {run.name}",
         "",
         f"- run id: `{run.id}`",
-        f"- status: {run.status}",
+        f"- status: {run.display_status}" + (f" ({run.reason})" if run.reason else ""),
         f"- seed: {run.seed}",
         f"- code version: {run.code_version}",
         f"- created: {run.created_at.isoformat(timespec='seconds')}",

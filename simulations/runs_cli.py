@@ -1,4 +1,8 @@
-"""`leanfed runs list|show` and `leanfed report`: read the run store from the command line."""
+"""`leanfed runs list|show|delete|upgrade` and `leanfed report`: the run store from the CLI.
+
+`list`, `show` and `report` are read-only: they open the database read-only, never create or
+migrate a table, and refuse a database that is not a leanfed store at this schema revision.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from rich.table import Table
 from server.security.audit import audit_trail
 from server.security.checkpoints import signature_status
 from server.security.signing import verifier_from
-from server.store import RunStore, StoreError, resolve_db_url
+from server.store import RunInfo, RunStore, StoreError, resolve_db_url
 from simulations.edge import new_app, print_error
 
 DbOption = Annotated[
@@ -44,10 +48,10 @@ runs_app = new_app(no_args_is_help=True, help="Inspect stored runs.")
 
 
 @contextmanager
-def _open(db: str | None) -> Iterator[RunStore]:
-    """Open the store for a read command; StoreError -> one red line on stderr, exit code 1."""
+def _open(db: str | None, *, read_only: bool = True) -> Iterator[RunStore]:
+    """Open the store (read-only unless asked); StoreError -> one red line on stderr, exit 1."""
     try:
-        store = RunStore(resolve_db_url(db), must_exist=True)
+        store = RunStore(resolve_db_url(db), must_exist=True, read_only=read_only)
     except StoreError as exc:
         _fail(str(exc))
     try:
@@ -90,7 +94,7 @@ def list_runs(db: DbOption = None) -> None:
         table.add_row(
             r.id[:ID_SHOWN],
             r.name,
-            r.status,
+            r.display_status,
             str(r.num_rounds),
             _fmt(r.final_accuracy),
             r.created_at.strftime("%Y-%m-%d %H:%M"),
@@ -116,7 +120,12 @@ def show_run(run_id: RunIdArg, db: DbOption = None, signing_key: KeyOption = Non
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")  # fold, never truncate, the SHA-256
     table.add_row("name", run.name)
-    table.add_row("status", run.status)
+    table.add_row("status", _status_line(run))
+    if run.reason:
+        table.add_row("reason", escape(run.reason))
+    degraded = [r.round for r in rounds if r.degraded]
+    if degraded:
+        table.add_row("degraded rounds", _round_list(degraded))
     table.add_row("seed", str(run.seed))
     table.add_row("code version", run.code_version)
     table.add_row("created", run.created_at.isoformat(timespec="seconds"))
@@ -124,6 +133,8 @@ def show_run(run_id: RunIdArg, db: DbOption = None, signing_key: KeyOption = Non
         "finished", run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
     )
     table.add_row("rounds", str(len(rounds)))
+    if run.heartbeat_at is not None:
+        table.add_row("last heartbeat", run.heartbeat_at.isoformat(timespec="seconds"))
     table.add_row("uploaded bytes", str(sum(r.upload_bytes for r in rounds)))
     table.add_row("downloaded bytes", str(sum(r.download_bytes for r in rounds)))
     if rounds:
@@ -144,6 +155,48 @@ def show_run(run_id: RunIdArg, db: DbOption = None, signing_key: KeyOption = Non
         # Reasons and ids come from the network: never let them act as rich markup.
         trail.add_row("-" if e.round is None else str(e.round), e.what, escape(e.detail))
     console.print(trail)
+
+
+def _status_line(run: RunInfo) -> str:
+    if run.stale:
+        return (
+            f"stale (stored as running; its process is gone); resume with "
+            f"`leanfed simulate --resume {run.id}`"
+        )
+    if run.status == "interrupted":
+        return f"interrupted; resume with `leanfed simulate --resume {run.id}`"
+    return run.status
+
+
+def _round_list(rounds: list[int], shown: int = 20) -> str:
+    text = ", ".join(str(r) for r in rounds[:shown])
+    return f"{len(rounds)}: {text}{' ...' if len(rounds) > shown else ''}"
+
+
+@runs_app.command("delete")
+def delete_run(
+    run_id: RunIdArg,
+    db: DbOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Delete without asking.")] = False,
+) -> None:
+    """Delete a run and all its rounds, checkpoints, masks and events."""
+    with _open(db, read_only=False) as store:
+        full_id = store.resolve_run_id(run_id)
+        run = store.get_run(full_id)
+        if not yes and not typer.confirm(
+            f"delete run {full_id} ({run.name}, {run.display_status}, {run.num_rounds} rounds)?"
+        ):
+            _fail("not deleted (pass --yes to skip this question)")
+        store.delete_run(full_id)
+    Console(highlight=False).print(f"deleted run {full_id}")
+
+
+@runs_app.command("upgrade")
+def upgrade_store(db: DbOption = None) -> None:
+    """Migrate an existing run store to this leanfed's schema (read commands never do)."""
+    with _open(db, read_only=False) as store:
+        revision = store.schema_revision
+    Console(highlight=False).print(f"{store.url} is at schema revision {revision}")
 
 
 def report(

@@ -2,13 +2,16 @@
 
 from server.store.errors import (
     CheckpointCorruptError,
+    NotAStoreError,
+    RunActiveError,
     RunNotFoundError,
     SchemaTooNewError,
+    SchemaTooOldError,
     SecretInConfigError,
     StoreError,
 )
 from server.store.redaction import find_secrets, redact_secrets
-from server.store.schema import head_revision, upgrade
+from server.store.schema import check_schema, head_revision, upgrade
 from server.store.store import (
     CheckpointSignature,
     ClientResultInfo,
@@ -25,16 +28,20 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointSignature",
     "ClientResultInfo",
+    "NotAStoreError",
+    "RunActiveError",
     "EventInfo",
     "RoundInfo",
     "RunInfo",
     "RunNotFoundError",
     "RunStore",
     "SchemaTooNewError",
+    "SchemaTooOldError",
     "SecretInConfigError",
     "StoreError",
     "StoredMask",
     "find_secrets",
+    "check_schema",
     "head_revision",
     "redact_secrets",
     "resolve_db_url",

@@ -15,8 +15,20 @@ class SchemaTooNewError(StoreError):
     """The database was written by a newer leanfed whose Alembic revision we do not know."""
 
 
+class SchemaTooOldError(StoreError):
+    """A read-only command met a database at an older schema revision (it never migrates)."""
+
+
+class NotAStoreError(StoreError):
+    """The database holds no leanfed run store (no leanfed tables, or not a database at all)."""
+
+
+class RunActiveError(StoreError):
+    """The run is being written by a live process (fresh heartbeat): not resumable or deletable."""
+
+
 class CheckpointCorruptError(StoreError):
-    """A stored blob does not decompress or its SHA-256 does not match the recorded one."""
+    """A stored blob does not decompress, does not match its SHA-256, or is not a checkpoint."""
 
 
 class SecretInConfigError(StoreError, ValueError):

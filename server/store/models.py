@@ -20,10 +20,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-RUN_STATUSES = ("running", "completed", "failed", "interrupted")
+RUN_STATUSES = ("running", "completed", "degraded", "failed", "interrupted")
 
 # Stable constraint names so Alembic migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION = {
@@ -57,7 +58,8 @@ class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('running', 'completed', 'failed', 'interrupted')", name="status"
+            "status IN ('running', 'completed', 'degraded', 'failed', 'interrupted')",
+            name="status",
         ),
     )
 
@@ -75,6 +77,10 @@ class Run(Base):
     started_by: Mapped[str | None] = mapped_column(String(200))
     signing_key_id: Mapped[str | None] = mapped_column(String(64))
     flower_run_id: Mapped[str | None] = mapped_column(String(32))
+    # Written every round and periodically: "running" with an old heartbeat means the process died.
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    reason: Mapped[str | None] = mapped_column(Text)  # why it failed / degraded / stopped
+    owner: Mapped[str | None] = mapped_column(String(100))  # "host:pid" of the writing process
 
 
 class Round(Base):
@@ -93,6 +99,9 @@ class Round(Base):
     download_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)  # server -> clients
     wall_s: Mapped[float] = mapped_column(Float, nullable=False)
     density: Mapped[float | None] = mapped_column(Float)
+    num_accepted: Mapped[int | None] = mapped_column(Integer)  # replies aggregation accepted
+    # Fewer accepted replies than the run's min-accepted-replies.
+    degraded: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(nullable=False, default=utcnow)
 
 

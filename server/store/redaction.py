@@ -1,4 +1,9 @@
-"""Detect secrets in run configs so that passwords, tokens and keys never enter the run store."""
+"""Detect secrets in every string bound for the run store: passwords, tokens, keys never enter.
+
+Keys are judged by their words (``db.pw``, ``apiKey``, ``connection-string``), values by their
+shape (``scheme://user:password@``, ``Bearer …``, ``?password=…``, JWTs, PEM private keys,
+well-known token prefixes). A refusal names the key path, never the value.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +26,20 @@ _SECRET_WORDS = frozenset(
         "credentials",
         "privatekey",
         "authorization",
+        "auth",
         "cookie",
         "sessionkey",
+        "pw",
+        "pass",
+        "dsn",
+        "jwt",
+        "bearer",
+        "connstr",
+        "connectionstring",
     }
 )
+# Adjacent word pairs that name a secret together ("connection-string", "conn_str").
+_SECRET_PAIRS = frozenset({("connection", "string"), ("conn", "string"), ("conn", "str")})
 # "key" alone is too common in ML configs ("dataset-key"), so it only counts next to these words.
 _KEY_QUALIFIERS = frozenset(
     {
@@ -47,7 +62,18 @@ _KEY_QUALIFIERS = frozenset(
 # Values that are key material or carry a password whatever their key is called.
 _SECRET_VALUE_PATTERNS = (
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@", re.IGNORECASE),  # scheme://user:pw@
+    re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@", re.IGNORECASE),  # scheme://user:pw@
+    re.compile(r"\b(bearer|basic|token)\s+[a-z0-9._~+/=-]{8,}", re.IGNORECASE),  # auth headers
+    # ?password=..., &api_key=..., libpq "host=h password=x"
+    re.compile(
+        r"(^|[?&;\s])(password|passwd|pwd|pw|pass|secret|token|access_token|api[_-]?key|"
+        r"apikey|auth|sig|signature|jwt)\s*=\s*[^&\s]+",
+        re.IGNORECASE,
+    ),
+    re.compile(r"\beyJ[a-z0-9_-]{8,}\.[a-z0-9_-]{8,}\.[a-z0-9_-]*", re.IGNORECASE),  # JWT
+    # Well-known credential prefixes: GitHub, OpenAI-style, Slack, AWS access keys, Hugging Face.
+    re.compile(r"\b(ghp_|gho_|github_pat_|sk-|xox[abpr]-|hf_)[a-z0-9_-]{16,}", re.IGNORECASE),
+    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
 )
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
@@ -60,6 +86,8 @@ def is_secret_key(key: str) -> bool:
     """True when a config key name looks like it holds a password, token or key material."""
     words = _words(key)
     if any(w in _SECRET_WORDS for w in words):
+        return True
+    if any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False)):
         return True
     # "token" names a secret only as the last word ("hf-token", "access_token"); model configs
     # use it for sequence items ("max-token-len", "num-tokens").
@@ -98,6 +126,22 @@ def find_secrets(config: Mapping[str, Any]) -> list[str]:
     return list(_walk(config, ""))
 
 
+def find_secrets_in(value: object, path: str) -> list[str]:
+    """Like find_secrets for any value: a bare string is judged by its shape, under `path`."""
+    if isinstance(value, Mapping):
+        return [f"{path}.{p}" for p in find_secrets(value)]
+    if isinstance(value, list | tuple):
+        return list(_walk({path: list(value)}, ""))
+    return [path] if is_secret_value(value) else []
+
+
+def scrub_text(text: str) -> str:
+    """Free text (an error message) with every secret-looking span replaced by ``***``."""
+    for pattern in _SECRET_VALUE_PATTERNS:
+        text = pattern.sub("***", text)
+    return text
+
+
 def redact_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `config` without the secret-looking entries (for callers that prefer stripping)."""
 
@@ -115,3 +159,20 @@ def redact_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
     out = strip(config)
     assert isinstance(out, dict)
     return out
+
+
+REDACTED = "[redacted]"
+
+
+def mask_secrets(obj: object) -> Any:
+    """A copy of `obj` with secret-looking entries masked, for data a site sends (never refused:
+    a hostile site must not be able to fail a run by naming a metric "password")."""
+    if isinstance(obj, Mapping):
+        return {
+            k: REDACTED if is_secret_key(str(k)) else mask_secrets(v) for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [mask_secrets(v) for v in obj]
+    if isinstance(obj, str) and is_secret_value(obj):
+        return scrub_text(obj)
+    return obj

@@ -9,12 +9,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
-from server.store.errors import SchemaTooNewError, StoreError
+from server.store.errors import NotAStoreError, SchemaTooNewError, SchemaTooOldError, StoreError
 from server.store.urls import is_sqlite_memory, parse_url, safe_url
 
 # Located next to the `server` package so it ships inside the wheel; no alembic.ini needed.
@@ -47,8 +47,22 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S) -> Engine:
-    """An engine for `url` (SQLite or PostgreSQL) with a short connect timeout; lazy, no I/O."""
+def _pg_read_only(dbapi_conn: Any, _record: Any) -> None:
+    # Every transaction of a read-only engine refuses writes, on the server side.
+    cur = dbapi_conn.cursor()
+    cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    cur.close()
+    dbapi_conn.commit()
+
+
+def make_engine(
+    url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S, read_only: bool = False
+) -> Engine:
+    """An engine for `url` (SQLite or PostgreSQL) with a short connect timeout; lazy, no I/O.
+
+    ``read_only``: SQLite opens the file with ``mode=ro`` (never creates it, never writes a
+    journal); PostgreSQL sessions are READ ONLY.
+    """
     parsed: URL = parse_url(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
@@ -63,12 +77,19 @@ def make_engine(url: str, *, connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S)
                     f"cannot open SQLite database {path}: directory {path.parent} does not exist"
                 )
             kwargs["connect_args"] = {"timeout": 30}
+            if read_only:
+                # SQLite URI filename: mode=ro refuses to create or write the file.
+                parsed = parsed.set(
+                    database=f"file:{path}", query={**parsed.query, "mode": "ro", "uri": "true"}
+                )
     else:
         kwargs["connect_args"] = {"connect_timeout": connect_timeout_s}
         kwargs["pool_pre_ping"] = True
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    elif read_only:
+        event.listen(engine, "connect", _pg_read_only)
     return engine
 
 
@@ -87,6 +108,43 @@ def connect_error(engine: Engine, exc: BaseException) -> StoreError:
 def current_revision(connection: Connection) -> str | None:
     """The Alembic revision recorded in the database, None for an empty database."""
     return MigrationContext.configure(connection).get_current_revision()
+
+
+def check_schema(engine: Engine) -> str:
+    """The database's revision, which must be this leanfed's head; never creates or migrates.
+
+    For read-only commands: NotAStoreError when the database holds no leanfed store,
+    SchemaTooNewError / SchemaTooOldError when it is at another leanfed's revision.
+    """
+    where = safe_url(engine.url)
+    head = head_revision()
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            current = current_revision(conn) if "alembic_version" in tables else None
+    except (OperationalError, DBAPIError) as exc:
+        if _is_connect_failure(exc) and "not a database" not in _first_line(exc):
+            raise connect_error(engine, exc) from exc
+        raise NotAStoreError(f"{where} is not a leanfed run store ({_first_line(exc)})") from exc
+    except SQLAlchemyError as exc:
+        raise StoreError(f"reading {where} failed: {_first_line(exc)}") from exc
+    if current is None or "runs" not in tables:
+        raise NotAStoreError(
+            f"{where} is not a leanfed run store (no leanfed tables); "
+            "check --db / LEANFED_DB_URL"
+        )
+    known = [s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()]
+    if current not in known:
+        raise SchemaTooNewError(
+            f"database schema revision {current} at {where} is newer than this leanfed "
+            f"(it knows revisions up to {head}); upgrade leanfed"
+        )
+    if current != head:
+        raise SchemaTooOldError(
+            f"database schema revision {current} at {where} is older than this leanfed's "
+            f"{head}; read commands never migrate: run `leanfed runs upgrade` on it first"
+        )
+    return current
 
 
 def upgrade(target: str | Engine) -> str:

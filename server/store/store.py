@@ -16,16 +16,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.store.errors import (
     CheckpointCorruptError,
+    RunActiveError,
     RunNotFoundError,
     SecretInConfigError,
     StoreError,
 )
+from server.store.liveness import is_stale, this_owner
 from server.store.models import (
     RUN_STATUSES,
     Checkpoint,
@@ -36,9 +38,10 @@ from server.store.models import (
     Run,
     utcnow,
 )
-from server.store.redaction import find_secrets
+from server.store.redaction import find_secrets, find_secrets_in, mask_secrets, scrub_text
 from server.store.schema import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    check_schema,
     connect_error,
     make_engine,
     upgrade,
@@ -51,6 +54,9 @@ _CLIENT_KEYS = frozenset(
 )
 _EVENT_KEYS = frozenset({"kind", "node_id", "detail", "round"})
 MIN_ID_PREFIX = 4
+MAX_REASON_CHARS = 1000
+# A blob's recorded size bounds its decompression (no zip bomb from an edited database).
+MAX_BLOB_BYTES = 1 << 32
 
 
 # ----------------------------------------------------------------------------- plain records
@@ -80,6 +86,16 @@ class RunInfo:
     signing_key_id: str | None = None  # key that signs its checkpoints; None: unsigned
     flower_run_id: str | None = None  # Flower's run id when a SuperLink ran it
 
+    heartbeat_at: datetime | None = None
+    reason: str | None = None  # why it failed, degraded or stopped
+    owner: str | None = None  # "host:pid" of the process that last wrote it
+    stale: bool = False  # "running", but its process is gone (old heartbeat or dead pid)
+
+    @property
+    def display_status(self) -> str:
+        """The stored status, or "stale" for a "running" run whose process died."""
+        return "stale" if self.stale else self.status
+
 
 @dataclass(frozen=True)
 class CheckpointSignature:
@@ -105,6 +121,8 @@ class RoundInfo:
     wall_s: float
     density: float | None
     created_at: datetime
+    num_accepted: int | None = None
+    degraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,9 +223,17 @@ def _pack(data: bytes, where: str) -> tuple[bytes, str, int]:
     return zlib.compress(raw, 6), hashlib.sha256(raw).hexdigest(), len(raw)
 
 
+def _safe_json(value: Any, where: str) -> Any:
+    # Data a site sends is masked, never refused: see redaction.mask_secrets.
+    return _jsonable(mask_secrets(value), where)
+
+
 def _unpack(blob: bytes, sha256: str, size: int, where: str) -> bytes:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_BLOB_BYTES:
+        raise CheckpointCorruptError(f"{where} is corrupt: recorded size {size!r} out of range")
     try:
-        raw = zlib.decompress(bytes(blob))
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(bytes(blob), size + 1)  # never more than the recorded size
     except zlib.error as exc:
         raise CheckpointCorruptError(f"{where} is corrupt: does not decompress ({exc})") from exc
     digest = hashlib.sha256(raw).hexdigest()
@@ -232,14 +258,19 @@ class RunStore:
         url: str,
         *,
         must_exist: bool = False,
+        read_only: bool = False,
         connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
         parsed = parse_url(url)
+        must_exist = must_exist or read_only
         if must_exist and parsed.get_backend_name() == "sqlite":
             path = parsed.database
             if path and path != ":memory:" and not Path(path).exists():
                 raise StoreError(f"no leanfed database at {path} (pass --db or set LEANFED_DB_URL)")
-        self.engine: Engine = make_engine(url, connect_timeout_s=connect_timeout_s)
+        self.read_only = read_only
+        self.engine: Engine = make_engine(
+            url, connect_timeout_s=connect_timeout_s, read_only=read_only
+        )
         try:
             with self.engine.connect():
                 pass
@@ -247,7 +278,8 @@ class RunStore:
             self.engine.dispose()
             raise connect_error(self.engine, exc) from exc
         try:
-            self.schema_revision = upgrade(self.engine)
+            # Read-only commands never create or migrate: they check the revision and refuse.
+            self.schema_revision = check_schema(self.engine) if read_only else upgrade(self.engine)
         except BaseException:
             self.engine.dispose()
             raise
@@ -310,7 +342,7 @@ class RunStore:
         """
         if not isinstance(config, Mapping):
             raise StoreError(f"config must be a mapping, got {type(config).__name__}")
-        secret_paths = find_secrets(config)
+        secret_paths = find_secrets(config) + find_secrets_in(name, "name")
         if secret_paths:
             raise SecretInConfigError(
                 "run config holds secret-looking entries, which never enter the store: "
@@ -331,29 +363,85 @@ class RunStore:
             started_by=None if started_by is None else started_by[:200],
             signing_key_id=_short(signing_key_id, 64, "signing_key_id"),
             flower_run_id=_short(flower_run_id, 32, "flower_run_id"),
+            heartbeat_at=utcnow(),
+            owner=this_owner(),
         )
         with self._session(write=True) as s:
             s.add(row)
         return run_id
 
-    def finish_run(self, run_id: str, status: str = "completed") -> None:
-        """Mark a run completed / failed / interrupted and stamp finished_at."""
+    def finish_run(
+        self, run_id: str, status: str = "completed", reason: str | None = None
+    ) -> None:
+        """Mark a run completed / degraded / failed / interrupted, with why, and stamp finished_at.
+
+        `reason` is free text (an error message): secret-looking spans are masked, and it is
+        cut to MAX_REASON_CHARS.
+        """
         if status not in FINAL_STATUSES:
             raise StoreError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
         with self._session(write=True) as s:
             run = self._run(s, run_id)
             run.status = status
             run.finished_at = utcnow()
+            run.reason = None if reason is None else scrub_text(reason)[:MAX_REASON_CHARS]
+
+    def check_resumable(self, run_id: str) -> int:
+        """Raise unless the run may be resumed; return its last committed round. Writes nothing."""
+        info = self.get_run(run_id)
+        if info.status in ("completed", "degraded"):
+            raise StoreError(f"run {run_id} already {info.status}; nothing to resume")
+        if info.status == "running" and not info.stale:
+            raise RunActiveError(
+                f"run {run_id} is running in another process ({info.owner or 'unknown'}, last "
+                f"heartbeat {_ago(info.heartbeat_at)}); resume it once it has stopped or is stale"
+            )
+        return int(info.last_round or 0)
 
     def reopen_run(self, run_id: str) -> int:
-        """Set a stopped run back to "running" to resume it; return its last committed round."""
+        """Set a stopped run back to "running" to resume it; return its last committed round.
+
+        Checks and writes in one transaction, so a refused resume never changes the status.
+        """
         with self._session(write=True) as s:
             run = self._run(s, run_id)
-            if run.status == "completed":
-                raise StoreError(f"run {run_id} already completed; nothing to resume")
+            if run.status in ("completed", "degraded"):
+                raise StoreError(f"run {run_id} already {run.status}; nothing to resume")
+            heartbeat = _aware(run.heartbeat_at)
+            if run.status == "running" and not is_stale(run.status, heartbeat, run.owner):
+                raise RunActiveError(
+                    f"run {run_id} is running in another process ({run.owner or 'unknown'}); "
+                    "resume it once it has stopped or is stale"
+                )
             run.status = "running"
             run.finished_at = None
+            run.reason = None
+            run.heartbeat_at = utcnow()
+            run.owner = this_owner()
             return int(run.last_round or 0)
+
+    def heartbeat(self, run_id: str) -> None:
+        """Stamp a running run's heartbeat (called every round and every HEARTBEAT_S seconds)."""
+        with self._session(write=True) as s:
+            run = self._run(s, run_id)
+            if run.status == "running":
+                run.heartbeat_at = utcnow()
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and everything stored with it; a live running run is refused."""
+        with self._session(write=True) as s:
+            run = self._run(s, run_id)
+            if run.status == "running" and not is_stale(
+                run.status, _aware(run.heartbeat_at), run.owner
+            ):
+                raise RunActiveError(
+                    f"run {run_id} is running in another process ({run.owner or 'unknown'}); "
+                    "stop it first"
+                )
+            for model in (Event, Checkpoint, ConsensusMask, ClientResult, Round):
+                # Explicit deletes: SQLite enforces ON DELETE CASCADE only with foreign keys on.
+                s.execute(delete(model).where(model.run_id == run_id))
+            s.delete(run)
 
     def resolve_run_id(self, id_or_prefix: str) -> str:
         """The full id of the run whose id is or starts with `id_or_prefix` (>= 4 chars, unique)."""
@@ -380,6 +468,7 @@ class RunStore:
         )
         created = _aware(run.created_at)
         assert created is not None
+        heartbeat = _aware(run.heartbeat_at)
         return RunInfo(
             id=run.id,
             name=run.name,
@@ -395,6 +484,10 @@ class RunStore:
             started_by=run.started_by,
             signing_key_id=run.signing_key_id,
             flower_run_id=run.flower_run_id,
+            heartbeat_at=heartbeat,
+            reason=run.reason,
+            owner=run.owner,
+            stale=is_stale(run.status, heartbeat, run.owner),
         )
 
     def get_run(self, run_id: str) -> RunInfo:
@@ -429,6 +522,8 @@ class RunStore:
         train_loss: float | None = None,
         accuracy: float | None = None,
         checkpoint_signature: tuple[bytes, str] | None = None,
+        num_accepted: int | None = None,
+        degraded: bool = False,
     ) -> None:
         """Write everything about one round in ONE transaction: all of it or none of it.
 
@@ -439,7 +534,7 @@ class RunStore:
         """
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise StoreError(f"round must be a non-negative int, got {round!r}")
-        metrics_json = _jsonable(dict(metrics), "metrics")
+        metrics_json = _safe_json(dict(metrics), "metrics")
         loss = _finite_or_none(
             train_loss if train_loss is not None else metrics.get("train_loss"), "train_loss"
         )
@@ -458,6 +553,8 @@ class RunStore:
                 download_bytes=_count(download_bytes, "download_bytes"),
                 wall_s=wall if wall is not None else 0.0,
                 density=_finite_or_none(density, "density"),
+                num_accepted=None if num_accepted is None else _count(num_accepted, "num_accepted"),
+                degraded=bool(degraded),
                 created_at=utcnow(),
             )
         ]
@@ -483,6 +580,7 @@ class RunStore:
                 # Flush row by row so a failing insert surfaces here, inside the transaction.
                 s.flush()
             run.last_round = round if run.last_round is None else max(run.last_round, round)
+            run.heartbeat_at = utcnow()
 
     def record_event(
         self,
@@ -516,6 +614,8 @@ class RunStore:
                     wall_s=r.wall_s,
                     density=r.density,
                     created_at=_aware(r.created_at) or r.created_at,
+                    num_accepted=r.num_accepted,
+                    degraded=bool(r.degraded),
                 )
                 for r in s.scalars(q).all()
             ]
@@ -656,6 +756,12 @@ class RunStore:
 
 
 # ----------------------------------------------------------------------------- row builders
+def _ago(ts: datetime | None) -> str:
+    if ts is None:
+        return "never"
+    return f"{max(0, int((utcnow() - ts).total_seconds()))} s ago"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -684,11 +790,11 @@ def _client_row(run_id: str, round: int, i: int, c: Mapping[str, Any]) -> Client
         run_id=run_id,
         round=round,
         node_id=_node_id(c["node_id"], f"{where}.node_id"),
-        metrics=_jsonable(dict(c.get("metrics") or {}), f"{where}.metrics"),
+        metrics=_safe_json(dict(c.get("metrics") or {}), f"{where}.metrics"),
         upload_bytes=_count(c.get("upload_bytes", 0), f"{where}.upload_bytes"),
         download_bytes=_count(c.get("download_bytes", 0), f"{where}.download_bytes"),
         accepted=bool(c["accepted"]),
-        reason=None if reason is None else str(reason),
+        reason=None if reason is None else scrub_text(str(reason))[:MAX_REASON_CHARS],
     )
 
 
@@ -752,7 +858,7 @@ def _event_row(run_id: str, round: int | None, i: int, e: Mapping[str, Any]) -> 
         round=ev_round,
         node_id=None if node is None else _node_id(node, f"{where}.node_id"),
         kind=kind,
-        detail=_jsonable(dict(detail), f"{where}.detail"),
+        detail=_safe_json(dict(detail), f"{where}.detail"),
         created_at=utcnow(),
     )
 
