@@ -10,8 +10,9 @@ import typer
 from server.security.apps import AppRegistry, sign_app_dir, write_trusted_entities
 from server.security.errors import DeployError
 from server.security.node_keys import generate_node_keys
+from server.security.proxy import write_proxy
 from server.security.signing import generate_signing_key, signer_from
-from server.security.tls import DEFAULT_HOSTS, generate_tls
+from server.security.tls import DEFAULT_HOSTS, TLSFiles, generate_tls
 from server.store import StoreError
 from simulations.edge import new_app, print_error
 
@@ -132,6 +133,35 @@ def app_registry(
         registry.serve_forever()
     except KeyboardInterrupt:
         registry.stop()
+
+
+@deploy_app.command("proxy")
+def proxy(
+    out: Annotated[Path, typer.Option("--out", help="nginx prefix folder for nginx.conf")],
+    certs: Annotated[Path, typer.Option("--certs", help="Folder written by `deploy certs`")],
+    listen: Annotated[str, typer.Option(help="host:port sites connect to")] = "0.0.0.0:9093",
+    upstream: Annotated[
+        str, typer.Option(help="host:port of the SuperLink (loopback / operator network)")
+    ] = "127.0.0.1:9091",
+    upstream_name: Annotated[
+        str, typer.Option(help="DNS name in the SuperLink certificate")
+    ] = "localhost",
+) -> None:
+    """nginx config that exposes only the Fleet API to sites (Control API stays operator-only)."""
+    tls = TLSFiles(
+        ca_cert=certs / "ca.crt",
+        ca_key=certs / "ca.key",
+        server_cert=certs / "server.pem",
+        server_key=certs / "server.key",
+    )
+    missing = [p.name for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
+    if missing:
+        fail(f"{certs} lacks {', '.join(missing)} (run `leanfed deploy certs` first)")
+    try:
+        files = write_proxy(out, listen, upstream, tls, upstream_name=upstream_name)
+    except DeployError as err:
+        fail(str(err))
+    typer.echo(f"wrote {files.conf}; run: {' '.join(files.command())}")
 
 
 def register(app: typer.Typer) -> None:
