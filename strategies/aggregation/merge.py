@@ -191,26 +191,45 @@ def consensus_mask(
 ) -> Mask:
     """FedDST mask vote: keep the top-k coordinates per layer by examples-weighted votes.
 
-    votes_l = sum_i n_i * m_i,l ; k_l = clamp(round(d_l * numel_l), 1, numel_l). Ties in
-    votes go to the larger |values_for_tiebreak|, then to the lower flat index. A layer with a
-    ``structure`` ("channel" | "fanin" | "nm") votes whole units / k entries per unit / N per
-    group instead (``strategies.sparse.structured.structured_vote``).
+    votes_l = sum_i n_i * m_i,l ; see `consensus_from_votes` for k, ties and structures.
     """
     if not updates:
         raise ValueError("cannot vote a consensus mask from no client updates")
-    out: Mask = {}
+    votes: dict[str, torch.Tensor] = {}
     for key, density in target_densities.items():
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"target density for {key!r} must be in [0, 1], got {density}")
         if key not in values_for_tiebreak:
             raise ValueError(f"no tie-break values for masked key {key!r}")
         _, keep, w = stack_kept(updates, key)
-        votes = (keep.to(torch.float64) * w.view(-1, *([1] * (keep.dim() - 1)))).sum(0)
+        votes[key] = (keep.to(torch.float64) * w.view(-1, *([1] * (keep.dim() - 1)))).sum(0)
+    return consensus_from_votes(votes, target_densities, values_for_tiebreak, structure)
+
+
+def consensus_from_votes(
+    votes: dict[str, torch.Tensor],
+    target_densities: dict[str, float],
+    values_for_tiebreak: dict[str, torch.Tensor],
+    structure: Mapping[str, str] | None = None,
+) -> Mask:
+    """Top-k coordinates per layer by vote, k_l = clamp(round(d_l * numel_l), 1, numel_l).
+
+    Ties in votes go to the larger |values_for_tiebreak|, then to the lower flat index. A
+    layer with a ``structure`` ("channel" | "fanin" | "nm") votes whole units / k entries per
+    unit / N per group instead (``strategies.sparse.structured.structured_vote``). Secure
+    aggregation hands in vote sums it never saw per client.
+    """
+    out: Mask = {}
+    for key, density in target_densities.items():
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"target density for {key!r} must be in [0, 1], got {density}")
+        if key not in values_for_tiebreak or key not in votes:
+            raise ValueError(f"no votes or tie-break values for masked key {key!r}")
         kind = (structure or {}).get(key, "none")
         if kind != "none":
-            out[key] = structured_vote(votes, kind, density, values_for_tiebreak[key])
+            out[key] = structured_vote(votes[key], kind, density, values_for_tiebreak[key])
             continue
-        flat_votes = votes.reshape(-1)
+        flat_votes = votes[key].to(torch.float64).reshape(-1)
         n = flat_votes.numel()
         k = min(n, max(1, round(density * n)))
         mag = values_for_tiebreak[key].detach().abs().reshape(-1).to(torch.float64)
@@ -220,7 +239,7 @@ def consensus_mask(
         chosen = by_mag[by_vote[:k]]
         m = torch.zeros(n, dtype=torch.bool)
         m[chosen] = True
-        out[key] = m.reshape(votes.shape)
+        out[key] = m.reshape(votes[key].shape)
     return out
 
 
