@@ -6,15 +6,21 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.continual import client_stream, continual_round, current_experience, node_seed
 from client.data import local_data
 from client.local import RoundOutcome, local_evaluate, local_round
 from strategies import codec
+from strategies.aggregation import secagg_wire
 from strategies.sparse.masks import Mask, pack_mask, unpack_mask
 from tasks.config import LeanfedConfig
 from tasks.models import build_model
 
 app = ClientApp()
+# SecAgg+ key stages (query.secagg_*); the masked input itself is the train reply.
+app.query(secagg_wire.ADVERTISE)(secagg.advertise)
+app.query(secagg_wire.SHARE)(secagg.share)
+app.query(secagg_wire.UNMASK)(secagg.unmask)
 
 STATE_KEY = "leanfed"  # ConfigRecord in context.state: the last global mask this node holds
 
@@ -80,6 +86,16 @@ def train(msg: Message, context: Context) -> Message:
         gen = torch.Generator().manual_seed(seed)
         out = local_round(model, x, y, cfg, server_round, mask, gen)
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    if msg.content.config_records["config"].get(secagg_wire.MODE_KEY) == "secagg":
+        if out.mask is None:
+            raise ValueError("secure aggregation needs the sparse strategy's masked messages")
+        # The global this round started from, decoded again: the update is local - global.
+        received = codec.decode_with(
+            codec.from_arrayrecord(msg.content.array_records["arrays"]), _load_mask(context)
+        )
+        return secagg.masked_reply(
+            msg, context, received, state, out.mask, out.num_examples, float(out.loss)
+        )
     if out.mask is None:
         arrays = ArrayRecord(state)
         upload = sum(len(a.data) for a in arrays.values())

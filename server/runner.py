@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import cast
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from strategies.aggregation.counting import ByteCountingFedAvg
 from strategies.aggregation.merge import MergeOptions, MergeRule
+from strategies.aggregation.secagg import SecAggSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.sparse.density import layer_density_rule
 from strategies.sparse.masks import Mask, random_mask, sparsifiable_shapes
@@ -145,7 +146,19 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
     end_round: int | None = max(1, int(cfg.dst_end_round_fraction * cfg.num_server_rounds))
     if cfg.cl_scenario != "none":
         end_round = None  # a stream can switch task in any round: keep re-voting to the end
-    return SparseFedAvg(
+    secure: dict[str, Any] = {}
+    cls: type[SparseFedAvg] = SparseFedAvg
+    if cfg.secure_mode == "secagg":
+        cls = SecAggSparseFedAvg
+        secure = {
+            "threshold": cfg.secure_threshold,
+            "clip": cfg.secure_clip,
+            "quant_bits": cfg.secure_quant_bits,
+            "max_weight": cfg.secure_max_weight,
+            "neighbors": cfg.secure_neighbors,
+        }
+    return cls(
+        **secure,
         density=1.0 if cfg.dst_rule == "dense" else cfg.dst_density,
         distribution=cfg.dst_distribution,
         upload_dtype=cfg.codec_upload_dtype,

@@ -13,6 +13,7 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 VALUE_DTYPES = ("fp32", "fp16", "int8")
 DISTRIBUTIONS = ("erk", "uniform")
 OPTIMIZERS = ("sgd", "adam")
+SECURE_MODES = ("none", "secagg")
 CL_SCENARIOS = ("none", "split-mnist", "permuted-mnist", "rotated-mnist", "hospital")
 VOTES = ("weighted", "robust")  # strategies.aggregation.strategy.VOTES
 BYZANTINE_RULES = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # n >= k*f + 3 clients per round
@@ -80,6 +81,13 @@ class LeanfedConfig:
     cl_regrow_drift_fraction: float = 0.2  # regrowth budget on detected drift
     cl_freeze_fraction: float = 0.1  # of active, unfrozen weights frozen per finished experience
     cl_replay_capacity: int = 0  # reservoir examples kept per client (0 = no replay)
+    # secure aggregation (SecAgg+, strategies/secure): "none" = plaintext replies
+    secure_mode: str = "none"
+    secure_threshold: float = 0.5  # t = floor(threshold * |group|) + 1 shares rebuild a secret
+    secure_clip: float = 1.0  # |local - global| clipped to this before quantization
+    secure_quant_bits: int = 16  # quantization levels 2^(q-1) - 1 per side of the clip range
+    secure_max_weight: int = 4096  # a client's weight is min(examples, this)
+    secure_neighbors: int = 0  # SecAgg+ graph degree k (0 = complete graph: SecAgg)
     # run bookkeeping: continue a stored run from its last committed round ("" = new run)
     resume: str = ""
 
@@ -171,6 +179,19 @@ class LeanfedConfig:
             need(0.0 <= value <= 1.0, key, "must be in [0, 1]")
         need(0.0 <= self.cl_freeze_fraction < 1.0, "cl.freeze-fraction", "must be in [0, 1)")
         need(self.cl_replay_capacity >= 0, "cl.replay-capacity", "must be >= 0")
+        need(self.secure_mode in SECURE_MODES, "secure.mode", f"must be one of {SECURE_MODES}")
+        need(0.5 <= self.secure_threshold < 1.0, "secure.threshold", "must be in [0.5, 1)")
+        need(self.secure_clip > 0, "secure.clip", "must be > 0")
+        need(2 <= self.secure_quant_bits <= 32, "secure.quant-bits", "must be in [2, 32]")
+        need(1 <= self.secure_max_weight <= 2**20, "secure.max-weight", "must be in [1, 2^20]")
+        need(self.secure_neighbors >= 0, "secure.neighbors", "must be >= 0")
+        if self.secure_mode == "secagg" and (
+            self.strategy != "sparse" or self.aggregation_rule != "mean"
+        ):
+            raise ConfigError(
+                "secure.mode = 'secagg' sums updates securely: it needs strategy = 'sparse' "
+                "and aggregation.rule = 'mean'"
+            )
         if self.strategy == "flower-fedavg" and self.dst_rule != "dense":
             raise ConfigError(
                 "strategy = 'flower-fedavg' is the dense baseline: set dst.rule = 'dense'"
@@ -194,7 +215,7 @@ class LeanfedConfig:
                 )
 
 
-_SECTIONS = ("partition", "local", "dst", "codec", "aggregation", "cl")
+_SECTIONS = ("partition", "local", "dst", "codec", "aggregation", "cl", "secure")
 
 
 def _coerce(key: str, raw: Any, typ: Any) -> Any:

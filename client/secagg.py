@@ -1,0 +1,164 @@
+"""The ClientApp's side of SecAgg+: key stages as query handlers, and the masked train reply.
+
+The node's secrets (X25519 secret keys, self-mask seed, the shares it holds) live only in
+its own ``context.state`` under ``STATE``, for one round: answering the unmask request
+deletes them, so a second request (e.g. asking for the other kind of share) is refused.
+Record layout: `strategies.aggregation.secagg_wire`; maths: `strategies.secure`.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from strategies.aggregation import secagg_wire as W
+from strategies.secure import protocol as P
+from strategies.secure.crypto import KEY_BYTES, SecAggError
+from strategies.secure.sparse_sum import SparseSumPlan
+from strategies.sparse.masks import Mask
+
+STATE = "leanfed.secagg"
+MAX_IDS = 100_000  # refuse larger id lists before allocating
+
+
+def _save(context: Context, st: P.ClientState, c_pks: dict[int, bytes]) -> None:
+    group = list(st.group)
+    rec = ConfigRecord(
+        {
+            "round": st.round,
+            "node": P.ids_to_bytes([st.node]),
+            "c-sk": st.c_sk,
+            "s-sk": st.s_sk,
+            "b": st.b,
+            "group": P.ids_to_bytes(group),
+            "threshold": st.threshold,
+            "held": P.ids_to_bytes(st.held),
+        }
+    )
+    if group:
+        rec["s-pks"] = [st.s_pks[j] for j in group]
+        rec["c-pks"] = [c_pks[j] for j in group]
+    if st.held:
+        rec["held-b"] = [b for b, _ in st.held.values()]
+        rec["held-sk"] = [sk for _, sk in st.held.values()]
+    context.state.config_records[STATE] = rec
+
+
+def _load(context: Context, server_round: int) -> tuple[P.ClientState, dict[int, bytes]]:
+    rec = context.state.config_records.get(STATE)
+    if rec is None or W.get_int(rec, "round") != server_round:
+        raise SecAggError(f"no secure-aggregation keys for round {server_round}")
+    group = P.ids_from_bytes(W.get_bytes(rec, "group"), MAX_IDS)
+    held = P.ids_from_bytes(W.get_bytes(rec, "held"), MAX_IDS)
+    s_pks = W.get_bytes_list(rec, "s-pks", len(group))
+    c_pks = W.get_bytes_list(rec, "c-pks", len(group))
+    hb, hsk = (
+        W.get_bytes_list(rec, "held-b", len(held)),
+        W.get_bytes_list(rec, "held-sk", len(held)),
+    )
+    st = P.ClientState(
+        round=server_round,
+        node=P.ids_from_bytes(W.get_bytes(rec, "node"), 1)[0],
+        c_sk=W.get_bytes(rec, "c-sk"),
+        s_sk=W.get_bytes(rec, "s-sk"),
+        b=W.get_bytes(rec, "b"),
+        group=tuple(group),
+        s_pks=dict(zip(group, s_pks, strict=True)),
+        threshold=W.get_int(rec, "threshold"),
+        held={src: (b, sk) for src, b, sk in zip(held, hb, hsk, strict=True)},
+    )
+    return st, dict(zip(group, c_pks, strict=True))
+
+
+def _request(msg: Message) -> tuple[ConfigRecord, int]:
+    rec = W.stage_record(msg.content)
+    if rec is None:
+        raise SecAggError("message has no secagg record")
+    return rec, W.get_int(rec, "round")
+
+
+def _reply(msg: Message, rec: ConfigRecord) -> Message:
+    return Message(RecordDict({W.RECORD: rec}), reply_to=msg)
+
+
+def advertise(msg: Message, context: Context) -> Message:
+    """Stage 0: fresh key pairs for this round; reply with the two public keys."""
+    _, server_round = _request(msg)
+    st, c_pk, s_pk = P.advertise(server_round, context.node_id)
+    _save(context, st, {})
+    return _reply(msg, ConfigRecord({"c-pk": c_pk, "s-pk": s_pk}))
+
+
+def share(msg: Message, context: Context) -> Message:
+    """Stage 1: Shamir-share b and s_sk over the group; one ciphertext per neighbour."""
+    rec, server_round = _request(msg)
+    st, _ = _load_fresh(context, server_round)
+    ids = P.ids_from_bytes(W.get_bytes(rec, "ids"), MAX_IDS)
+    c_pks = W.get_bytes_list(rec, "c-pks", len(ids), KEY_BYTES)
+    s_pks = W.get_bytes_list(rec, "s-pks", len(ids), KEY_BYTES)
+    keys = {j: (c, s) for j, c, s in zip(ids, c_pks, s_pks, strict=True)}
+    cts = P.share_keys(st, keys, W.get_int(rec, "threshold"))
+    _save(context, st, dict(zip(ids, c_pks, strict=True)))
+    out = ConfigRecord({"dst": P.ids_to_bytes(cts)})
+    if cts:
+        out["ct"] = list(cts.values())
+    return _reply(msg, out)
+
+
+def _load_fresh(context: Context, server_round: int) -> tuple[P.ClientState, dict[int, bytes]]:
+    """The keys advertised this round, before any sharing (the share stage runs once)."""
+    st, c_pks = _load(context, server_round)
+    if st.b:
+        raise SecAggError("keys were already shared this round")
+    return st, c_pks
+
+
+def masked_reply(
+    msg: Message,
+    context: Context,
+    received: tuple[dict[str, torch.Tensor], Mask],
+    local: dict[str, torch.Tensor],
+    local_mask: Mask | None,
+    examples: int,
+    loss: float,
+) -> Message:
+    """Stage 2: decrypt the shares sent to this node, then reply with the masked vector only.
+
+    `received`: the global values and consensus mask this round's train message carried.
+    """
+    rec, server_round = _request(msg)
+    st, c_pks = _load(context, server_round)
+    srcs = P.ids_from_bytes(W.get_bytes(rec, "src"), MAX_IDS)
+    cts = W.get_bytes_list(rec, "ct", len(srcs))
+    P.receive_shares(st, dict(zip(srcs, cts, strict=True)), c_pks)
+    global_values, consensus = received
+    floats = {k: tuple(v.shape) for k, v in global_values.items() if v.is_floating_point()}
+    plan = SparseSumPlan(
+        floats,
+        {k: m for k, m in consensus.items() if k in floats},
+        full=bool(W.get_int(rec, "full")),
+        clip=float(rec["clip"]),  # type: ignore[arg-type]
+        quant_bits=W.get_int(rec, "quant-bits"),
+        max_weight=W.get_int(rec, "max-weight"),
+        num_clients=W.get_int(rec, "num-clients"),
+    )
+    x = plan.encode(global_values, local, local_mask, examples, loss)
+    y = P.mask_input(st, x, P.ids_from_bytes(W.get_bytes(rec, "u1"), MAX_IDS))
+    _save(context, st, c_pks)
+    return _reply(msg, ConfigRecord({"masked": plan.layout().pack(y)}))
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    """Stage 3: the shares the server needs (b of survivors, s_sk of dropped); then forget."""
+    rec, server_round = _request(msg)
+    st, _ = _load(context, server_round)
+    survivors = P.ids_from_bytes(W.get_bytes(rec, "survivors"), MAX_IDS)
+    dropped = P.ids_from_bytes(W.get_bytes(rec, "dropped"), MAX_IDS)
+    del context.state.config_records[STATE]  # answer once: the secrets go now
+    out = P.unmask_shares(st, survivors, dropped)
+    reply = ConfigRecord(
+        {"src": P.ids_to_bytes(s for s, _, _ in out), "kind": bytes(k for _, k, _ in out)}
+    )
+    if out:
+        reply["shares"] = [share for _, _, share in out]
+    return _reply(msg, reply)

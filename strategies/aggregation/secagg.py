@@ -1,0 +1,375 @@
+"""SecAggSparseFedAvg: SparseFedAvg whose train round is a SecAgg+ secure sum (Bell et al. 2020).
+
+Only the train hooks change, and Flower's own ``Strategy.start`` loop still runs the
+rounds: ``configure_train`` samples and encodes as SparseFedAvg does, then runs the
+advertise-keys and share-keys stages as extra message exchanges on the same Grid and
+attaches to each train message the key shares addressed to that node; the train
+replies are masked vectors; ``aggregate_train`` runs the unmask stage and reads the
+sum with `strategies.secure.sparse_sum` (the mask-aware mean on the public consensus
+mask and the consensus vote). The server never holds one client's update, mask,
+weight or loss in clear: it sees public keys, ciphertexts, masked vectors, and at
+unmasking the shares needed to remove the masks of the sum.
+
+A round aborts, keeping the previous global model, when fewer nodes than a share
+threshold survive a stage; the reason goes to ``self.aborts``, to every client row of
+the round and to the round metric ``secagg_aborted``. Wire layout: `secagg_wire`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from strategies.aggregation import secagg_wire as W
+from strategies.aggregation.merge import consensus_from_votes
+from strategies.aggregation.strategy import SparseFedAvg
+from strategies.secure import protocol as P
+from strategies.secure import shamir
+from strategies.secure.crypto import KEY_BYTES, NONCE_BYTES, TAG_BYTES, SecAggError
+from strategies.secure.sparse_sum import SparseSumPlan
+
+# nonce + (header: src, dst, round = 24 B) + two shares + Poly1305 tag
+CIPHERTEXT_BYTES = NONCE_BYTES + 24 + 2 * shamir.SHARE_BYTES + TAG_BYTES
+
+
+class RoundAborted(Exception):
+    """The secure round cannot complete; the message says why."""
+
+
+@dataclass
+class _Round:
+    """The public transcript of one secure round, as the server holds it."""
+
+    round: int
+    c_pks: dict[int, bytes] = field(default_factory=dict)
+    s_pks: dict[int, bytes] = field(default_factory=dict)
+    groups: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    thresholds: dict[int, int] = field(default_factory=dict)
+    u1: set[int] = field(default_factory=set)
+    plan: SparseSumPlan | None = None
+    stage_bytes: dict[int, int] = field(default_factory=dict)  # node -> download bytes
+    upload: dict[int, int] = field(default_factory=dict)  # node -> upload bytes
+    failed: dict[int, str] = field(default_factory=dict)  # node -> why it left the round
+    aborted: str | None = None  # why the round was abandoned
+
+
+class SecAggSparseFedAvg(SparseFedAvg):
+    """SparseFedAvg with SecAgg+ secure summation of sparse updates on the Message API."""
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.5,
+        clip: float = 1.0,
+        quant_bits: int = 16,
+        max_weight: int = 4096,
+        neighbors: int = 0,
+        stage_timeout: float = 600.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        P.threshold_for(2, threshold)  # validates the fraction
+        if self.merge_rule_name != "mean":
+            raise ValueError("secure aggregation computes the mask-aware mean only")
+        self.threshold, self.clip, self.quant_bits = threshold, clip, quant_bits
+        self.max_weight, self.neighbors, self.stage_timeout = max_weight, neighbors, stage_timeout
+        self.aborts: list[dict[str, int | str]] = []
+        self._grid: Grid | None = None
+        self._round: _Round | None = None
+
+    def summary(self) -> None:
+        """Log the secure-aggregation settings, then SparseFedAvg's summary."""
+        log(
+            INFO,
+            "\t├──> SecAgg+: threshold %.2f, neighbours %s, clip %g, %d-bit quantization",
+            self.threshold,
+            self.neighbors or "all",
+            self.clip,
+            self.quant_bits,
+        )
+        super().summary()
+
+    # ------------------------------------------------------------------ stages
+    def _exchange(
+        self, grid: Grid, rs: _Round, action: str, records: dict[int, ConfigRecord]
+    ) -> dict[int, ConfigRecord]:
+        """Send one stage record per node; return the well-formed replies by node."""
+        messages = []
+        for node, rec in records.items():
+            rs.stage_bytes[node] = rs.stage_bytes.get(node, 0) + W.record_bytes(rec)
+            content = RecordDict({W.RECORD: rec})
+            messages.append(Message(content, node, f"query.{action}", group_id=str(rs.round)))
+        out: dict[int, ConfigRecord] = {}
+        for reply in grid.send_and_receive(messages, timeout=self.stage_timeout):
+            node = int(reply.metadata.src_node_id)
+            if node not in records or node in out:
+                continue
+            if reply.has_error():
+                rs.failed[node] = f"{action}: error reply ({reply.error.code})"
+                continue
+            got = W.stage_record(reply.content)
+            if got is None:
+                rs.failed[node] = f"{action}: no secagg record"
+                continue
+            rs.upload[node] = rs.upload.get(node, 0) + W.record_bytes(got)
+            out[node] = got
+        for node in records:
+            if node not in out:
+                rs.failed.setdefault(node, f"{action}: no reply")
+        return out
+
+    def _advertise_and_share(self, grid: Grid, rs: _Round, nodes: list[int]) -> None:
+        """Stages 0 and 1: collect public keys, build the graph, collect encrypted shares."""
+        replies = self._exchange(
+            grid, rs, W.ADVERTISE, {n: ConfigRecord({"round": rs.round}) for n in nodes}
+        )
+        for node, rec in replies.items():
+            try:
+                c_pk, s_pk = W.get_bytes(rec, "c-pk"), W.get_bytes(rec, "s-pk")
+                if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
+                    raise ValueError("public keys must be 32 bytes")
+            except ValueError as exc:
+                rs.failed[node] = f"advertise: {exc}"
+                continue
+            rs.c_pks[node], rs.s_pks[node] = c_pk, s_pk
+        u0 = sorted(rs.c_pks)
+        if len(u0) < 2:
+            raise RoundAborted(f"{len(u0)} node(s) advertised keys; at least 2 needed")
+        graph = P.neighbour_graph(u0, self.neighbors, seed=self.seed * 7919 + rs.round)
+        for node in u0:
+            rs.groups[node] = tuple(sorted((node, *graph[node])))
+            rs.thresholds[node] = P.threshold_for(len(rs.groups[node]), self.threshold)
+        records = {
+            node: ConfigRecord(
+                {
+                    "round": rs.round,
+                    "threshold": rs.thresholds[node],
+                    "ids": P.ids_to_bytes(rs.groups[node]),
+                    "c-pks": [rs.c_pks[j] for j in rs.groups[node]],
+                    "s-pks": [rs.s_pks[j] for j in rs.groups[node]],
+                }
+            )
+            for node in u0
+        }
+        self._inbox: dict[int, dict[int, bytes]] = {node: {} for node in u0}
+        for node, rec in self._exchange(grid, rs, W.SHARE, records).items():
+            neighbours = [j for j in rs.groups[node] if j != node]
+            try:
+                dst = P.ids_from_bytes(W.get_bytes(rec, "dst"), len(neighbours))
+                cts = W.get_bytes_list(rec, "ct", len(neighbours), CIPHERTEXT_BYTES)
+                if sorted(dst) != neighbours:
+                    raise ValueError("shares are not addressed to exactly the neighbours")
+            except (ValueError, SecAggError) as exc:
+                rs.failed[node] = f"share: {exc}"
+                continue
+            rs.u1.add(node)
+            for j, ct in zip(dst, cts, strict=True):
+                self._inbox[j][node] = ct
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """SparseFedAvg's train messages, preceded by key advertisement and key sharing."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        rs = _Round(round=server_round)
+        self._grid, self._round = grid, rs
+        if not messages:
+            return []
+        nodes = sorted(int(m.metadata.dst_node_id) for m in messages)
+        try:
+            self._advertise_and_share(grid, rs, nodes)
+        except RoundAborted as exc:
+            self._abort(rs, str(exc))
+            return []
+        assert self.mask is not None and self._global is not None
+        floats = {k: tuple(v.shape) for k, v in self._global.items() if v.is_floating_point()}
+        rs.plan = SparseSumPlan(
+            floats,
+            {k: m for k, m in self.mask.items() if k in floats},
+            full=self._mask_round(server_round),
+            clip=self.clip,
+            quant_bits=self.quant_bits,
+            max_weight=self.max_weight,
+            num_clients=len(rs.u1),
+        )
+        out: list[Message] = []
+        for msg in messages:
+            node = int(msg.metadata.dst_node_id)
+            if node not in rs.u1:
+                continue
+            inbox = {j: ct for j, ct in self._inbox[node].items() if j in rs.u1}
+            rec = ConfigRecord(
+                {
+                    "round": server_round,
+                    "u1": P.ids_to_bytes(j for j in rs.groups[node] if j in rs.u1),
+                    "src": P.ids_to_bytes(inbox),
+                    "full": int(rs.plan.full),
+                    "clip": float(self.clip),
+                    "quant-bits": self.quant_bits,
+                    "max-weight": self.max_weight,
+                    "num-clients": len(rs.u1),
+                }
+            )
+            if inbox:
+                rec["ct"] = list(inbox.values())
+            rs.stage_bytes[node] = rs.stage_bytes.get(node, 0) + W.record_bytes(rec)
+            msg.content[W.RECORD] = rec
+            msg.content.config_records["config"][W.MODE_KEY] = "secagg"
+            out.append(msg)
+        return out
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the sum of the masked replies; mean on the consensus mask; re-vote it."""
+        replies = list(replies)
+        rs = self._round
+        if rs is None or rs.round != server_round:
+            raise RuntimeError("aggregate_train called before configure_train")
+        if rs.aborted:  # aborted before any train message went out
+            return None, self._finish(server_round, replies, rs, set())
+        layout = rs.plan.layout() if rs.plan else None
+        masked: dict[int, np.ndarray] = {}
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if node not in rs.u1 or node in masked:
+                rs.failed.setdefault(node, "unexpected or duplicate masked input")
+                continue
+            if msg.has_error():
+                rs.failed[node] = f"dropped after key sharing (error {msg.error.code})"
+                continue
+            rec = W.stage_record(msg.content)
+            try:
+                assert layout is not None
+                if rec is None:
+                    raise ValueError("no secagg record in the train reply")
+                data = W.get_bytes(rec, "masked")
+                rs.upload[node] = rs.upload.get(node, 0) + len(data)
+                masked[node] = layout.unpack(data)
+            except (ValueError, SecAggError) as exc:
+                rs.failed[node] = f"masked input: {exc}"
+        for node in rs.u1 - set(masked):
+            rs.failed.setdefault(node, "dropped after key sharing (no masked input)")
+        try:
+            total = self._unmask(rs, masked)
+        except (RoundAborted, SecAggError) as exc:
+            self._abort(rs, str(exc))
+            return None, self._finish(server_round, replies, rs, set())
+        assert rs.plan is not None and self._global is not None and self.mask is not None
+        result = rs.plan.decode(total, self._global)
+        merged = dict(self._global) | result.values
+        mask_changed = 0
+        if rs.plan.full:
+            new_mask = consensus_from_votes(result.votes, self.target_densities, merged)
+            if any(not torch.equal(new_mask[k], self.mask[k]) for k in self.mask):
+                self.mask, self.mask_version, mask_changed = new_mask, self.mask_version + 1, 1
+        new_state = {
+            k: torch.where(self.mask[k], v, torch.zeros_like(v)) if k in self.mask else v
+            for k, v in merged.items()
+        }
+        metrics = self._finish(server_round, replies, rs, set(masked))
+        on_mask = rs.plan.layout().segments[0].length
+        metrics["train_loss"] = result.train_loss
+        metrics["mask_changed"] = mask_changed
+        metrics["secure_clipped_fraction"] = result.clipped / max(1, on_mask * len(masked))
+        self.last_train_metrics = metrics
+        return ArrayRecord({k: new_state[k] for k in self._global}), metrics
+
+    def _unmask(self, rs: _Round, masked: dict[int, np.ndarray]) -> np.ndarray:
+        """Stage 3: check thresholds, collect shares from survivors, remove the masks."""
+        dropped = sorted(rs.u1 - set(masked))
+        for node in list(masked) + dropped:  # every secret the sum needs
+            alive = len(set(rs.groups[node]) & set(masked))
+            if alive < rs.thresholds[node]:
+                raise RoundAborted(
+                    f"{len(masked)} of {len(rs.u1)} nodes sent masked inputs; node {node}'s "
+                    f"secrets need {rs.thresholds[node]} surviving group members, {alive} left"
+                )
+        records = {
+            node: ConfigRecord(
+                {
+                    "round": rs.round,
+                    "survivors": P.ids_to_bytes(sorted(masked)),
+                    "dropped": P.ids_to_bytes(dropped),
+                }
+            )
+            for node in masked
+        }
+        shares: dict[int, dict[int, list[bytes]]] = {P.B_SHARE: {}, P.SK_SHARE: {}}
+        for node, rec in self._exchange(self._grid_or_fail(), rs, W.UNMASK, records).items():
+            with contextlib.suppress(ValueError, SecAggError):
+                srcs = P.ids_from_bytes(W.get_bytes(rec, "src"), len(rs.groups[node]))
+                kinds = W.get_bytes(rec, "kind")
+                got = W.get_bytes_list(rec, "shares", len(srcs), shamir.SHARE_BYTES)
+                if len(kinds) != len(srcs):
+                    continue
+                for src, kind, share in zip(srcs, kinds, got, strict=True):
+                    # only shares a node can hold, of the kind the server asked for
+                    expect = P.B_SHARE if src in masked else P.SK_SHARE
+                    if src in rs.groups and node in rs.groups[src] and kind == expect:
+                        shares[kind].setdefault(src, []).append(share)
+        return P.unmask_sum(rs.round, masked, rs.groups, rs.thresholds, rs.s_pks, rs.u1, shares)
+
+    def _grid_or_fail(self) -> Grid:
+        if self._grid is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        return self._grid
+
+    def _abort(self, rs: _Round, reason: str) -> None:
+        self.aborts.append({"round": rs.round, "reason": reason})
+        rs.aborted = reason
+        log(WARNING, "secure aggregation round %d aborted: %s", rs.round, reason)
+
+    def _finish(
+        self, server_round: int, replies: list[Message], rs: _Round, accepted: set[int]
+    ) -> MetricRecord:
+        """Bytes, per-client rows and round metrics; the same bookkeeping as SparseFedAvg."""
+        sent = dict(self._sent["train"])
+        self._settle("train", replies)
+        abort_reason = rs.aborted
+        uploads = dict(rs.upload)
+        for node, n in rs.stage_bytes.items():
+            self._sent_bytes[node] = self._sent_bytes.get(node, 0) + n
+            self._log_bytes(server_round, "download", n)
+        self._log_bytes(server_round, "upload", sum(uploads.values()))
+        failed = dict(rs.failed)
+        rejected = [
+            (node, f"secure aggregation aborted: {abort_reason}" if abort_reason else why)
+            for node, why in ({n: failed.get(n, "rejected") for n in sent} | failed).items()
+            if node not in accepted or abort_reason
+        ]
+        for node, reason in rejected:
+            self.rejections.append({"round": server_round, "node_id": node, "reason": reason})
+        self.round_clients[server_round] = self._client_rows(
+            replies, sent, uploads, rejected, set() if abort_reason else accepted
+        )
+        row = self.bytes_log.setdefault(
+            server_round, {"upload": 0, "download": 0, "download_evaluate": 0}
+        )
+        assert self.mask is not None
+        active = sum(int(m.sum()) for m in self.mask.values())
+        total = sum(m.numel() for m in self.mask.values())
+        metrics = MetricRecord(
+            {
+                "upload_bytes": row["upload"],
+                "download_bytes": row["download"],
+                "num_rejected": len(rejected),
+                "num_accepted": 0 if abort_reason else len(accepted),
+                "density": active / total if total else 1.0,
+                "mask_changed": 0,
+                "secagg_aborted": int(abort_reason is not None),
+                "secure_dropped": len(rs.u1 - accepted),
+            }
+        )
+        self.last_train_metrics = metrics
+        return metrics
