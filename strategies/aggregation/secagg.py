@@ -350,9 +350,17 @@ class SecAggSparseFedAvg(SparseFedAvg):
         ]
         for node, reason in rejected:
             self.rejections.append({"round": server_round, "node_id": node, "reason": reason})
-        self.round_clients[server_round] = self._client_rows(
+        rows = self._client_rows(
             replies, sent, uploads, rejected, set() if abort_reason else accepted
         )
+        for client in rows:  # say why each node left the round, not just "no reply"
+            node = int(client["node_id"])  # type: ignore[call-overload]
+            if abort_reason:
+                extra = f" ({failed[node]})" if node in failed else ""
+                client["reason"] = f"secure aggregation aborted: {abort_reason}{extra}"
+            elif not client["accepted"] and node in failed:
+                client["reason"] = failed[node]
+        self.round_clients[server_round] = rows
         row = self.bytes_log.setdefault(
             server_round, {"upload": 0, "download": 0, "download_evaluate": 0}
         )
