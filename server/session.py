@@ -78,12 +78,8 @@ def run_recorded(
             summary = RunSummary(config=cfg)
         else:
             summary = run_federated(
-                grid,
-                cfg.replace(resume=""),
-                on_round=record,
-                strategy=strategy,  # type: ignore[arg-type]
-                initial_state=state,
-                start_round=start,
+                grid, cfg.replace(resume=""), on_round=record, strategy=strategy,  # type: ignore[arg-type]
+                initial_state=state, start_round=start,
             )
     except KeyboardInterrupt:
         store.finish_run(run_id, "interrupted")
