@@ -7,6 +7,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from client.sitecheck import check_site_data
 from server.security.apps import AppRegistry, sign_app_dir, write_trusted_entities
 from server.security.errors import DeployError
 from server.security.node_keys import generate_node_keys
@@ -162,6 +163,35 @@ def proxy(
     except DeployError as err:
         fail(str(err))
     typer.echo(f"wrote {files.conf}; run: {' '.join(files.command())}")
+
+
+@deploy_app.command("check-data")
+def check_data(
+    file: Annotated[Path, typer.Argument(help="The site's .npz or .csv file")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="The run's TOML run-config overrides")
+    ] = None,
+    require_all_classes: Annotated[
+        bool, typer.Option("--require-all-classes", help="Fail when a class has no examples")
+    ] = False,
+) -> None:
+    """Check a site's data file against a run's config before the site joins (never prints data)."""
+    from simulations.simulate import build_config  # the run config exactly as `simulate` reads it
+
+    report = check_site_data(file, build_config(config, None, {}))
+    missing = report.missing_classes
+    typer.echo(f"file            {report.path}")
+    typer.echo(f"examples        {report.train_examples} train, {report.test_examples} test")
+    typer.echo(f"example shape   {report.input_shape}")
+    covered = report.num_classes - len(missing)
+    typer.echo(f"classes         {covered} of {report.num_classes} present in training data")
+    typer.echo(f"per class       {report.class_counts}")
+    if missing:
+        note = f"classes {missing} have no training examples"
+        if require_all_classes:
+            fail(f"{report.path}: {note}")
+        typer.echo(f"warning         {note} (the site still helps on the others)")
+    typer.echo("ok: this file can join the run")
 
 
 def register(app: typer.Typer) -> None:

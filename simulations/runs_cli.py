@@ -40,7 +40,12 @@ KeyOption = Annotated[
         show_default=False,
     ),
 ]
-RunIdArg = Annotated[str, typer.Argument(help="Run id, or a unique prefix of at least 4 chars.")]
+RunIdArg = Annotated[
+    str,
+    typer.Argument(
+        help="Run id, a unique prefix of at least 4 chars, or flwr:ID (Flower's run id)."
+    ),
+]
 
 ID_SHOWN = 12  # hex chars of the run id shown by `runs list` (48 bits: unique in practice)
 
@@ -65,6 +70,17 @@ def _open(db: str | None, *, read_only: bool = True) -> Iterator[RunStore]:
 def _fail(message: str) -> NoReturn:
     print_error(message)
     raise typer.Exit(code=1)
+
+
+def _resolve(store: RunStore, run_id: str) -> str:
+    """A leanfed run id (or prefix), or ``flwr:ID``: the run a SuperLink's run id recorded."""
+    if not run_id.startswith("flwr:"):
+        return store.resolve_run_id(run_id)
+    flwr_id = run_id.removeprefix("flwr:").strip()
+    found = [r.id for r in store.list_runs() if r.flower_run_id == flwr_id]
+    if len(found) != 1:
+        _fail(f"{len(found)} leanfed runs record Flower run id {flwr_id!r} in {store.url}")
+    return found[0]
 
 
 def _fmt(value: float | None) -> str:
@@ -106,7 +122,7 @@ def list_runs(db: DbOption = None) -> None:
 def show_run(run_id: RunIdArg, db: DbOption = None, signing_key: KeyOption = None) -> None:
     """Status, rounds, final metrics, the final checkpoint's SHA-256 and signature, audit."""
     with _open(db) as store:
-        full_id = store.resolve_run_id(run_id)
+        full_id = _resolve(store, run_id)
         run = store.get_run(full_id)
         rounds = store.get_rounds(full_id)
         # Signatures first (a bad one refuses the run), then load the final checkpoint:
@@ -128,6 +144,7 @@ def show_run(run_id: RunIdArg, db: DbOption = None, signing_key: KeyOption = Non
         table.add_row("degraded rounds", _round_list(degraded))
     table.add_row("seed", str(run.seed))
     table.add_row("code version", run.code_version)
+    table.add_row("Flower run id", run.flower_run_id or "-")
     table.add_row("created", run.created_at.isoformat(timespec="seconds"))
     table.add_row(
         "finished", run.finished_at.isoformat(timespec="seconds") if run.finished_at else "-"
@@ -212,8 +229,8 @@ def report(
     from simulations.report import write_report
 
     with _open(db) as store:
-        full_id = store.resolve_run_id(run_id)
-        base_id = store.resolve_run_id(baseline) if baseline else None
+        full_id = _resolve(store, run_id)
+        base_id = _resolve(store, baseline) if baseline else None
         path = write_report(store, full_id, out, baseline_run_id=base_id)
     Console(highlight=False).print(f"wrote {path}")
 

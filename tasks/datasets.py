@@ -68,11 +68,14 @@ def load_dataset(name: str, seed: int = 0) -> Dataset:
 def _stratified_split(
     x: np.ndarray, y: np.ndarray, test_size: int | float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded split keeping class proportions; falls back to a plain split if a class is tiny."""
+    """Seeded split keeping class proportions; falls back to a plain split if a class is tiny
+    or the test part has fewer examples than there are classes (a small site's file)."""
     counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
+    present = int((counts > 0).sum())
+    n_test = test_size if isinstance(test_size, int) else int(np.ceil(test_size * len(y)))
+    small = counts[counts > 0].min() < 2 or n_test < present or len(y) - n_test < present
     x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_size, random_state=seed, shuffle=True, stratify=stratify
+        x, y, test_size=test_size, random_state=seed, shuffle=True, stratify=None if small else y
     )
     return x_tr, x_te, y_tr, y_te
 
