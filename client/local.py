@@ -11,6 +11,7 @@ from torch import nn
 from client.trainer import evaluate, make_optimizer, train_steps
 from strategies.sparse.engine import DSTConfig, DSTController
 from strategies.sparse.masks import Mask
+from strategies.sparse.selection import parse_patterns
 from tasks.config import LeanfedConfig
 
 
@@ -71,7 +72,12 @@ def round_controller(
         model, cfg.local_optimizer, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay
     )
     rule = "dense" if mask is None else "static"
-    dst = DSTConfig(rule=rule, density=cfg.dst_density, distribution=cfg.dst_distribution)
+    dst = DSTConfig(
+        rule=rule,
+        density=cfg.dst_density,
+        distribution=cfg.dst_distribution,
+        exclude=parse_patterns(cfg.dst_exclude),  # the server's selection, so keys agree
+    )
     controller = DSTController(
         model, optimizer, dst, total_steps=cfg.local_steps, mask=mask, generator=generator
     )

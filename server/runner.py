@@ -26,8 +26,10 @@ from strategies.aggregation.counting import ByteCountingFedAvg
 from strategies.aggregation.merge import MergeOptions, MergeRule
 from strategies.aggregation.secagg import SecAggSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
-from strategies.sparse.density import layer_density_rule
-from strategies.sparse.masks import Mask, random_mask, sparsifiable_shapes
+from strategies.sparse.layout import plan_densities, planned_random_mask
+from strategies.sparse.masks import Mask
+from strategies.sparse.saliency import saliency_mask, saliency_scores
+from strategies.sparse.selection import parse_patterns, select_sparsifiable
 from tasks.config import ConfigError, LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
@@ -120,9 +122,20 @@ def sparse_init(model: torch.nn.Module, cfg: LeanfedConfig) -> Mask:
     the kept weights by 1/sqrt(d) restores it (Evci et al. 2022, "Gradient Flow in Sparse
     Neural Networks"), so a very sparse start does not sit at chance for rounds.
     """
-    shapes = sparsifiable_shapes(model)
-    densities = layer_density_rule(cfg.dst_distribution)(shapes, cfg.dst_density)
-    mask = random_mask(shapes, densities, generator=torch.Generator().manual_seed(cfg.seed))
+    sel = select_sparsifiable(model, exclude=parse_patterns(cfg.dst_exclude))
+    densities = plan_densities(
+        sel.shapes,
+        cfg.dst_density,
+        distribution=cfg.dst_distribution,
+        slices=sel.slices,
+        erk_power_scale=cfg.dst_erk_power_scale,
+        overrides=cfg.dst_overrides(),
+    )
+    if cfg.dst_init == "magnitude":
+        mask = saliency_mask(saliency_scores("magnitude", model, sel.params), densities, sel.slices)
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        mask = planned_random_mask(sel.shapes, densities, sel.slices, gen)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, m in mask.items():

@@ -12,6 +12,9 @@ STRATEGIES = ("sparse", "flower-fedavg")
 PARTITIONS = ("iid", "dirichlet", "shards")
 VALUE_DTYPES = ("fp32", "fp16", "int8")
 DISTRIBUTIONS = ("erk", "uniform")
+# SNIP/GraSP need training data, which the server never holds: federated runs start from a
+# random or magnitude mask (own training loops can use strategies.sparse.saliency directly).
+DST_INITS = ("random", "magnitude")
 OPTIMIZERS = ("sgd", "adam")
 SECURE_MODES = ("none", "secagg")
 CL_SCENARIOS = ("none", "split-mnist", "permuted-mnist", "rotated-mnist", "hospital")
@@ -58,6 +61,10 @@ class LeanfedConfig:
     dst_update_interval: int = 10
     dst_mask_round_interval: int = 1  # FedDST's ΔR: clients readjust masks every ΔR rounds
     dst_end_round_fraction: float = 0.8  # no mask readjustment in the last rounds
+    dst_exclude: str = ""  # comma-separated fnmatch patterns of layers kept dense
+    dst_density_overrides: str = ""  # "pattern=density,..." fixed densities per layer
+    dst_erk_power_scale: float = 1.0  # ERK exponent (1 = RigL's ERK, 0 = uniform)
+    dst_init: str = "random"  # initial server mask: "random" | "magnitude"
     # wire codec
     codec_upload_dtype: str = "fp32"
     codec_download_dtype: str = "fp32"
@@ -122,6 +129,10 @@ class LeanfedConfig:
         cfg.validate()
         return cfg
 
+    def dst_overrides(self) -> dict[str, float]:
+        """``dst.density-overrides`` as {fnmatch pattern: density}."""
+        return _parse_overrides(self.dst_density_overrides)
+
     def validate(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
             if not ok:
@@ -150,6 +161,9 @@ class LeanfedConfig:
         need(self.dst_update_interval >= 1, "dst.update-interval", "must be >= 1")
         need(self.dst_mask_round_interval >= 1, "dst.mask-round-interval", "must be >= 1")
         need(0.0 < self.dst_end_round_fraction <= 1.0, "dst.end-round-fraction", "in (0, 1]")
+        need(0.0 <= self.dst_erk_power_scale <= 4.0, "dst.erk-power-scale", "must be in [0, 4]")
+        need(self.dst_init in DST_INITS, "dst.init", f"must be one of {DST_INITS}")
+        self.dst_overrides()  # raises ConfigError naming the bad item
         dtypes = f"one of {VALUE_DTYPES}"
         need(self.codec_upload_dtype in VALUE_DTYPES, "codec.upload-dtype", dtypes)
         need(self.codec_download_dtype in VALUE_DTYPES, "codec.download-dtype", dtypes)
@@ -213,6 +227,25 @@ class LeanfedConfig:
                     f" = {f} needs at least {k * f + 3} clients per round, the config samples"
                     f" {per_round} (num-partitions x fraction-train, at least min-train-nodes)"
                 )
+
+
+def _parse_overrides(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        pattern, sep, value = item.partition("=")
+        try:
+            d = float(value)
+        except ValueError:
+            d = float("nan")
+        if not sep or not pattern.strip() or not 0.0 < d <= 1.0:
+            raise ConfigError(
+                f"dst.density-overrides: item {item!r} must be 'pattern=density' with density "
+                "in (0, 1]"
+            )
+        out[pattern.strip()] = d
+    return out
 
 
 _SECTIONS = ("partition", "local", "dst", "codec", "aggregation", "cl", "secure")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strategies.sparse.density import DENSITY_RULES
+from strategies.sparse.saliency import INIT_METHODS
 
 __all__ = ["RULES", "RULE_TABLE", "STRUCTURED_RULES", "DSTConfig"]
 
@@ -32,6 +33,11 @@ class DSTConfig:
     end_fraction: float = 0.75  # topology updates stop at end_fraction * total_steps
     gmp_start_fraction: float = 0.1
     gmp_end_fraction: float = 0.75
+    erk_power_scale: float = 1.0  # ERK exponent: 1 = RigL's ERK, 0 = uniform
+    init: str = "random"  # "random" | "magnitude" | "snip" | "grasp" (see saliency.py)
+    exclude: tuple[str, ...] = ()  # fnmatch patterns of parameters/modules kept dense
+    density_overrides: tuple[tuple[str, float], ...] = ()  # (pattern, fixed density)
+    embeddings: bool = False  # also sparsify nn.Embedding tables
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -58,6 +64,15 @@ class DSTConfig:
             raise ValueError(
                 f"DSTConfig.gmp_start_fraction must be in [0, 1), got {self.gmp_start_fraction}"
             )
+        if not 0.0 <= self.erk_power_scale <= 4.0:  # also rejects NaN
+            raise ValueError(
+                f"DSTConfig.erk_power_scale must be in [0, 4], got {self.erk_power_scale}"
+            )
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"DSTConfig.init must be one of {INIT_METHODS}, got {self.init!r}")
+        for pattern, d in self.density_overrides:
+            if not 0.0 < d <= 1.0:
+                raise ValueError(f"DSTConfig.density_overrides: {pattern!r}={d} not in (0, 1]")
         if not self.gmp_start_fraction < self.gmp_end_fraction <= 1.0:
             raise ValueError(
                 "DSTConfig.gmp_end_fraction must be in (gmp_start_fraction, 1], "

@@ -37,17 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from strategies.sparse.density import layer_density_rule
 from strategies.sparse.dst_config import RULE_TABLE, RULES, STRUCTURED_RULES, DSTConfig
+from strategies.sparse.layout import plan_densities, planned_random_mask, unit_rows
 from strategies.sparse.masks import (
     Mask,
     MaskError,
     Predicate,
-    default_sparsifiable,
     mask_density,
-    named_parameters_by_state_key,
     ones_mask,
-    random_mask,
     target_active_count,
     validate_mask,
 )
@@ -59,8 +56,10 @@ from strategies.sparse.prune_grow import (
     get_grow_rule,
     magnitude_prune_to,
 )
+from strategies.sparse.saliency import LossFn, saliency_mask, saliency_scores
 from strategies.sparse.schedules import CosineDecay, GMPSchedule
 from strategies.sparse.scores import magnitude_score
+from strategies.sparse.selection import predicate_selection, select_sparsifiable
 from strategies.sparse.structured import NM, structured_init
 from strategies.sparse.structured_rules import STRUCTURES
 from strategies.sparse.units import unit_groups, zero_dead_shifts
@@ -86,7 +85,8 @@ class DSTController:
         *,
         mask: Mask | None = None,
         generator: torch.Generator | None = None,
-        predicate: Predicate = default_sparsifiable,
+        predicate: Predicate | None = None,
+        init_loss_fn: LossFn | None = None,
     ) -> None:
         config.validate()
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -97,12 +97,19 @@ class DSTController:
         self.total_steps = total_steps
         # A fixed default seed keeps runs reproducible when the caller passes no generator.
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        all_params = named_parameters_by_state_key(model)
-        self._params: dict[str, nn.Parameter] = {
-            n: p for n, p in all_params.items() if predicate(n, p.detach())
-        }
+        if predicate is None:
+            # Known layer kernels only, one mask per storage, fused q/k/v as three slices.
+            self.selection = select_sparsifiable(
+                model, exclude=config.exclude, embeddings=config.embeddings
+            )
+        else:  # legacy: a (name, tensor) predicate over every parameter name
+            self.selection = predicate_selection(model, predicate)
+        self._params: dict[str, nn.Parameter] = dict(self.selection.params)
         self.shapes: dict[str, torch.Size] = {n: p.shape for n, p in self._params.items()}
-        self._distribution = layer_density_rule(config.distribution)
+        # Structured rules keep whole tensors as their units (channels/rows span q, k and v).
+        self.slices: dict[str, int] = (
+            {} if config.rule in STRUCTURED_RULES else dict(self.selection.slices)
+        )
         self.step_count = 0
         self._dense_grads: dict[str, torch.Tensor] = {}
         self.groups = unit_groups(model) if config.rule in STRUCTURED_RULES else []
@@ -127,17 +134,32 @@ class DSTController:
         elif config.rule in ("dense", "gmp"):
             init = ones_mask(self.shapes)
         elif config.rule in STRUCTURED_RULES:
-            densities = self._distribution(self.shapes, config.density)
+            densities = self.planned_densities(config.density)
             init = structured_init(self.shapes, densities, self.structure, self.generator)
         else:
-            densities = self._distribution(self.shapes, config.density)
-            init = random_mask(self.shapes, densities, self.generator)
+            densities = self.planned_densities(config.density)
+            if config.init == "random":
+                init = planned_random_mask(self.shapes, densities, self.slices, self.generator)
+            else:
+                scores = saliency_scores(config.init, model, self._params, init_loss_fn)
+                init = saliency_mask(scores, densities, self.slices)
         self.mask: Mask = {n: init[n].to(self._params[n].device) for n in self.shapes}
         self._apply()
         for n, m in self.mask.items():  # optimizer may already hold state (e.g. resumed)
             self._reset_optimizer_state(n, ~m)
 
     # -- queries --------------------------------------------------------------------------
+
+    def planned_densities(self, density: float) -> dict[str, float]:
+        """Per-unit densities of this run's layer rule at overall ``density``."""
+        return plan_densities(
+            self.shapes,
+            density,
+            distribution=self.config.distribution,
+            slices=self.slices,
+            erk_power_scale=self.config.erk_power_scale,
+            overrides=dict(self.config.density_overrides),
+        )
 
     @property
     def density(self) -> float:
@@ -174,14 +196,36 @@ class DSTController:
                 self._dense_grads[n] = g.detach().clone()
             g.masked_fill_(~self.mask[n], 0.0)
 
-    def step(self) -> dict[str, int]:
-        """``optimizer.step()``, re-mask, and prune/grow at update steps; returns counts."""
-        self.optimizer.step()
+    def step(self, scaler: Any | None = None) -> dict[str, int]:
+        """``optimizer.step()`` (or ``scaler.step`` + ``update``), then ``after_optimizer_step``.
+
+        With AMP, pass the ``torch.amp.GradScaler``: a step the scaler skips (inf/NaN
+        gradients) still counts for the schedule but makes no topology update.
+        """
+        if scaler is None:
+            self.optimizer.step()
+            return self.after_optimizer_step()
+        before = float(scaler.get_scale())
+        scaler.step(self.optimizer)
+        scaler.update()
+        skipped = float(scaler.get_scale()) < before  # the scaler backs off after inf grads
+        return self.after_optimizer_step(skip_topology=skipped)
+
+    def after_optimizer_step(self, *, skip_topology: bool = False) -> dict[str, int]:
+        """Re-mask and prune/grow at update steps, for loops that step the optimizer themselves.
+
+        Any optimizer works: the controller never needs to call it. Returns the counts.
+        """
         self.step_count += 1
+        if any(not bool(torch.isfinite(g).all()) for g in self._dense_grads.values()):
+            skip_topology = True  # an overflowed (AMP) gradient must not pick the grow set
         # Weight decay and momentum move masked weights off zero; re-zero them (RigL does
         # the same by re-applying the mask after every update).
         self._apply()
         out = {"dropped": 0, "grown": 0}
+        if skip_topology:
+            self._dense_grads = {}
+            return out
         if self.cosine is not None:
             fraction = self.cosine(self.step_count)
             if fraction is not None:
@@ -311,6 +355,9 @@ class DSTController:
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
                     v.masked_fill_(positions.to(v.device), 0)
 
+    def _units(self, name: str) -> list[slice]:
+        return unit_rows(name, self.shapes[name], self.slices.get(name, 1))
+
     def _prune_grow(
         self,
         fraction: float,
@@ -324,62 +371,80 @@ class DSTController:
         drop_rule = get_drop_rule(drop_name)
         dropped_total = grown_total = 0
         for n, p in self._params.items():
-            m = self.mask[n]
-            active = int(m.sum())
-            droppable = active
-            if protected is not None and n in protected:
-                droppable = int((m & ~protected[n].to(m.device)).sum())
-            # n_drop = round(f * active) (RigL), capped so the grow set exists.
-            k = min(round(fraction * active), droppable, m.numel() - active)
-            if k <= 0:
-                continue
             grad = grads.get(n)
             grow_rule = get_grow_rule(grow_name if grad is not None else fallback_grow)
-            layer = LayerState(n, p.detach(), m, grad, self.generator, self.structure[n])
-            if protected is not None and n in protected and layer.structure != "none":
-                # Protected weights score +inf |w| (and their units +inf norm): never dropped.
-                w = p.detach().masked_fill(protected[n].to(m.device), float("inf"))
-                dropped = drop_rule(LayerState(n, w, m, grad, self.generator, layer.structure), k)
-            elif protected is not None and n in protected:
-                # Protected weights get +inf drop score, so they are never the lowest.
-                score = magnitude_score(p).masked_fill(protected[n].to(m.device), float("inf"))
-                dropped = drop_lowest(m, score, k)
-            else:
-                dropped = drop_rule(layer, k)
-            after = m & ~dropped
-            k = int(dropped.sum())  # structured drops round to whole units / rows
-            if k == 0:
-                continue
-            grown = grow_rule(layer, after, dropped, k)
-            new = after | grown
-            check_prune_grow(m, dropped, grown, new, n)
-            self.mask[n] = new
+            prot = None if protected is None or n not in protected else protected[n]
+            new_full = self.mask[n].clone()
+            changed = torch.zeros_like(new_full)
+            # Each unit (a layer, or one slice of a fused q/k/v projection) keeps its own
+            # active count: budgets never move between slices.
+            for rows in self._units(n):
+                m = self.mask[n][rows]
+                active = int(m.sum())
+                droppable = active
+                if prot is not None:
+                    droppable = int((m & ~prot[rows].to(m.device)).sum())
+                # n_drop = round(f * active) (RigL), capped so the grow set exists.
+                k = min(round(fraction * active), droppable, m.numel() - active)
+                if k <= 0:
+                    continue
+                w = p.detach()[rows]
+                g = None if grad is None else grad[rows]
+                layer = LayerState(n, w, m, g, self.generator, self.structure[n])
+                if prot is not None and layer.structure != "none":
+                    # Protected weights score +inf |w| (and their units +inf norm): never dropped.
+                    w_inf = w.masked_fill(prot[rows].to(m.device), float("inf"))
+                    dropped = drop_rule(
+                        LayerState(n, w_inf, m, g, self.generator, layer.structure), k
+                    )
+                elif prot is not None:
+                    # Protected weights get +inf drop score, so they are never the lowest.
+                    score = magnitude_score(w).masked_fill(prot[rows].to(m.device), float("inf"))
+                    dropped = drop_lowest(m, score, k)
+                else:
+                    dropped = drop_rule(layer, k)
+                after = m & ~dropped
+                k = int(dropped.sum())  # structured drops round to whole units / rows
+                if k == 0:
+                    continue
+                grown = grow_rule(layer, after, dropped, k)
+                new = after | grown
+                check_prune_grow(m, dropped, grown, new, n)
+                new_full[rows] = new
+                changed[rows] = dropped | grown
+                with torch.no_grad():
+                    # Grown weights start at exactly 0 (RigL); dropped ones are masked below.
+                    p[rows].masked_fill_(grown, 0.0)
+                dropped_total += k
+                grown_total += k
+            self.mask[n] = new_full
             with torch.no_grad():
-                # Dropped weights -> 0 (masked); grown weights start at exactly 0 (RigL).
-                p.masked_fill_(~new | grown, 0.0)
-            self._reset_optimizer_state(n, dropped | grown)
-            dropped_total += k
-            grown_total += k
+                p.masked_fill_(~new_full, 0.0)
+            self._reset_optimizer_state(n, changed)
         if self.groups:  # units that just died: their bias / BN shift goes to 0 too
             zero_dead_shifts(self.model, self.mask, self.groups)
         return {"dropped": dropped_total, "grown": grown_total}
 
     def _gmp_prune(self, density: float) -> dict[str, int]:
-        # Per-layer targets from the distribution rule applied to the scheduled density.
-        targets = (
-            self._distribution(self.shapes, density)
-            if density < 1.0
-            else {n: 1.0 for n in self.shapes}
-        )
+        # Per-unit targets from the layer rule applied to the scheduled density.
+        targets = self.planned_densities(density) if density < 1.0 else None
         dropped_total = 0
         for n, p in self._params.items():
-            m = self.mask[n]
-            target = target_active_count(m.numel(), targets[n])
-            new = magnitude_prune_to(m, magnitude_score(p), target)
-            dropped = m & ~new
-            if bool((new & ~m).any()):
-                raise RuntimeError(f"{n}: GMP must never grow")
-            self.mask[n] = new
+            new_full = self.mask[n].clone()
+            for i, rows in enumerate(self._units(n)):
+                m = self.mask[n][rows]
+                unit = n if self.slices.get(n, 1) <= 1 else f"{n}#{i}"
+                target = (
+                    m.numel()
+                    if targets is None
+                    else target_active_count(m.numel(), targets[unit])
+                )
+                new = magnitude_prune_to(m, magnitude_score(p.detach()[rows]), target)
+                if bool((new & ~m).any()):
+                    raise RuntimeError(f"{n}: GMP must never grow")
+                new_full[rows] = new
+            dropped = self.mask[n] & ~new_full
+            self.mask[n] = new_full
             self._reset_optimizer_state(n, dropped)
             dropped_total += int(dropped.sum())
         self._apply()

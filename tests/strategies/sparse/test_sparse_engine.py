@@ -7,9 +7,29 @@ import torch.nn.functional as F
 from sparse_tiny_models import SPARSE_KEYS, Tiny, batch
 from torch import nn
 
-from strategies.sparse.density import erk_densities
 from strategies.sparse.engine import DSTConfig, DSTController
-from strategies.sparse.masks import MaskError, ones_mask, sparsifiable_shapes, target_active_count
+from strategies.sparse.layout import unit_rows
+from strategies.sparse.masks import MaskError, ones_mask, target_active_count
+
+
+def unit_counts(c: DSTController) -> dict[str, int]:
+    """Active entries of every unit (a layer, or one q/k/v slice of a fused projection)."""
+    out = {}
+    for n, m in c.mask.items():
+        parts = c.slices.get(n, 1)
+        for i, rows in enumerate(unit_rows(n, m.shape, parts)):
+            out[n if parts == 1 else f"{n}#{i}"] = int(m[rows].sum())
+    return out
+
+
+def planned_counts(c: DSTController, density: float) -> dict[str, int]:
+    d = c.planned_densities(density)
+    sizes = {}
+    for n, m in c.mask.items():
+        parts = c.slices.get(n, 1)
+        for i, rows in enumerate(unit_rows(n, m.shape, parts)):
+            sizes[n if parts == 1 else f"{n}#{i}"] = m[rows].numel()
+    return {u: target_active_count(sizes[u], d[u]) for u in sizes}
 
 
 def train(
@@ -39,6 +59,7 @@ def make(rule: str, seed: int = 0, opt: str = "sgd", **kw: Any) -> tuple[Tiny, D
         o = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-2)
     else:
         o = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=1e-2)
+    kw.setdefault("embeddings", True)  # Tiny's embedding is sparsified in these tests
     cfg = DSTConfig(rule=rule, density=0.3, update_interval=2, end_fraction=1.0, **kw)
     return model, DSTController(
         model, o, cfg, total_steps=8, generator=torch.Generator().manual_seed(seed)
@@ -50,12 +71,12 @@ def make(rule: str, seed: int = 0, opt: str = "sgd", **kw: Any) -> tuple[Tiny, D
 def test_rigl_set_keep_layer_counts_and_zeros(rule: str, opt: str) -> None:
     model, c = make(rule, opt=opt)
     assert list(c.mask) == SPARSE_KEYS
-    counts = {n: int(m.sum()) for n, m in c.mask.items()}
-    d = erk_densities(sparsifiable_shapes(model), 0.3)
-    assert counts == {n: target_active_count(c.mask[n].numel(), d[n]) for n in SPARSE_KEYS}
+    assert c.slices == {"mha.in_proj_weight": 3}
+    counts = unit_counts(c)
+    assert counts == planned_counts(c, 0.3)
     before = {n: m.clone() for n, m in c.mask.items()}
     out = train(model, c, c.optimizer, 8)
-    assert {n: int(m.sum()) for n, m in c.mask.items()} == counts
+    assert unit_counts(c) == counts  # per unit: q, k and v slices keep their own budgets
     assert [o["dropped"] > 0 for o in out] == [False, True, False, True, False, True, False, False]
     assert all(o["dropped"] == o["grown"] for o in out)
     assert any(not torch.equal(before[n], c.mask[n]) for n in SPARSE_KEYS)
@@ -139,7 +160,12 @@ def test_gmp_prunes_to_schedule_and_never_grows() -> None:
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     cfg = DSTConfig(
-        rule="gmp", density=0.2, update_interval=2, gmp_start_fraction=0.0, gmp_end_fraction=0.8
+        rule="gmp",
+        density=0.2,
+        update_interval=2,
+        gmp_start_fraction=0.0,
+        gmp_end_fraction=0.8,
+        embeddings=True,
     )
     c = DSTController(model, opt, cfg, total_steps=10)
     assert c.density == 1.0
@@ -158,11 +184,8 @@ def test_gmp_prunes_to_schedule_and_never_grows() -> None:
         densities.append(c.density)
         c.check_invariants()
     assert densities == sorted(densities, reverse=True)
-    # end (step 8): per-layer targets from ERK at density 0.2
-    d = erk_densities(c.shapes, 0.2)
-    assert {n: int(m.sum()) for n, m in c.mask.items()} == {
-        n: target_active_count(c.mask[n].numel(), d[n]) for n in SPARSE_KEYS
-    }
+    # end (step 8): per-unit targets from ERK at density 0.2
+    assert unit_counts(c) == planned_counts(c, 0.2)
     assert abs(c.density - 0.2) < 0.01
 
 
