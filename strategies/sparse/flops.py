@@ -252,7 +252,8 @@ def _collect(
                 # per node and head: <x_i, att_src> and <x_i, att_dst>, C MACs each; the
                 # linear map is the child ``lin`` (counted there), messages are aggregation.
                 y = out[0] if isinstance(out, tuple) else out
-                macs = 2 * int(y.shape[0]) * int(getattr(m, "heads")) * int(getattr(m, "out_channels"))  # noqa: B009
+                heads, channels = getattr(m, "heads"), getattr(m, "out_channels")  # noqa: B009
+                macs = 2 * int(y.shape[0]) * int(heads) * int(channels)
                 layer.weight_fwd += 2.0 * macs
                 layer.dense_weight_fwd += 2.0 * macs
                 return
