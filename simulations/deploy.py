@@ -10,9 +10,10 @@ import typer
 from client.sitecheck import check_site_data
 from server.security.apps import AppRegistry, sign_app_dir, write_trusted_entities
 from server.security.errors import DeployError
+from server.security.exports import sign_export, verify_export
 from server.security.node_keys import generate_node_keys
 from server.security.proxy import write_proxy
-from server.security.signing import generate_signing_key, signer_from
+from server.security.signing import generate_signing_key, signer_from, verifier_from
 from server.security.tls import DEFAULT_HOSTS, TLSFiles, generate_tls
 from server.store import StoreError
 from simulations.edge import new_app, print_error
@@ -105,6 +106,32 @@ def sign_app(
     typer.echo(f"signed FAB   {signed.fab}  ({signed.verification.name})")
     typer.echo(f"key id       {signer.key_id}")
     typer.echo(f"run it:      flwr run {signed.spec} CONNECTION")
+
+
+@deploy_app.command("sign-export")
+def sign_export_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder written by `leanfed export`")],
+    signing_key: KeyOption = None,
+) -> None:
+    """Sign every file of an exported model folder (writes SIGNATURE.json)."""
+    signer = signer_from(signing_key)
+    if signer is None:
+        fail("no signing key: pass --signing-key or set LEANFED_SIGNING_KEY")
+    typer.echo(f"wrote {sign_export(folder, signer)} (key {signer.key_id})")
+
+
+@deploy_app.command("verify-export")
+def verify_export_cmd(
+    folder: Annotated[Path, typer.Argument(help="Exported model folder")],
+    signing_key: Annotated[
+        str | None, typer.Option("--signing-key", help="Public (or private) signing key")
+    ] = None,
+) -> None:
+    """Check an exported model folder against its SIGNATURE.json."""
+    verifier = verifier_from(signing_key)
+    if verifier is None:
+        fail("no key to verify with: pass --signing-key or set LEANFED_SIGNING_KEY")
+    typer.echo(f"valid: {verify_export(folder, verifier)} files signed by {verifier.key_id}")
 
 
 @deploy_app.command("trusted-entities")
