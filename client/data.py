@@ -35,10 +35,10 @@ def shared_dataset(name: str, seed: int) -> Dataset:
 
 @lru_cache(maxsize=4)
 def _partition_indices(
-    name: str, seed: int, scheme: str, num_partitions: int, alpha: float, shards: int
+    name: str, seed: int, scheme: str, num_partitions: int, alpha: float, shards: int, size: int
 ) -> tuple[np.ndarray, ...]:
     ds = _dataset(name, seed)
-    part = make_partition(scheme, ds.y_train, num_partitions, seed, alpha, shards)
+    part = make_partition(scheme, ds.y_train, num_partitions, seed, alpha, shards, size)
     return part.indices
 
 
@@ -71,6 +71,7 @@ def local_data(cfg: LeanfedConfig, node_config: dict[str, bool | float | int | s
             n,
             cfg.partition_alpha,
             cfg.partition_shards,
+            cfg.partition_sample_size,
         )[pid]
         x, y = ds.x_train[ix], ds.y_train[ix]
     return LocalData(

@@ -57,14 +57,12 @@ class FlopsGrid(InProcessGrid):
         self.train_flops = 0
         self.events = {"drift": 0, "task_switch": 0, "regrew": 0}
 
-    def _call(self, delivered: Message, original: Message, group: str) -> Message:
-        reply = super()._call(delivered, original, group)
+    def observe(self, reply: Message) -> None:
         if not reply.has_error() and "metrics" in reply.content.metric_records:
             m = reply.content.metric_records["metrics"]
             self.train_flops += int(m.get("train_flops", 0))  # type: ignore[arg-type]
             for key in self.events:
                 self.events[key] += int(m.get(key, 0))  # type: ignore[arg-type]
-        return reply
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def client_sizes(cfg: LeanfedConfig) -> list[int]:
     labels = load_dataset(cfg.dataset, seed=cfg.seed).y_train
     part = make_partition(
         cfg.partition_scheme, labels, cfg.num_partitions, cfg.seed, cfg.partition_alpha,
-        cfg.partition_shards,
+        cfg.partition_shards, cfg.partition_sample_size,
     )
     return part.sizes
 

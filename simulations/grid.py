@@ -2,8 +2,12 @@
 
 Every message crosses a real serialization boundary (Flower's protobuf ``RecordDict``
 serde), so the ClientApp and the strategy never share objects, and the byte counts
-are those of the serialized records, not estimates. Per-node ``Context`` objects
-(with ``context.state``) persist across rounds exactly as a SuperNode keeps them.
+are those of the serialized records, not estimates. Each node's ``context.state``
+persists across rounds as a SuperNode keeps it, stored between calls as serialized
+bytes, so an idle node costs only its id and its state. With ``workers >= 1`` the
+clients of a round run in parallel on a pool of worker processes
+(:mod:`simulations.pool`); replies come back in message order, so results do not
+depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -11,35 +15,31 @@ from __future__ import annotations
 import logging
 import random
 import time
-import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run, RunStatus
 from flwr.supercore.task_identity import TaskIdentity
 
-# Error code Flower uses for an exception raised inside a ClientApp.
-CLIENT_APP_RAISED_EXCEPTION = 2
+from simulations.pool import (
+    NodeJob,
+    NodeResult,
+    WorkerPool,
+    execute,
+    from_bytes,
+    load_client_app,
+    to_bytes,
+)
 
 
 def quiet_flower(level: int = logging.WARNING) -> None:
     """Silence Flower's per-round INFO lines (our progress bars say the same, briefer)."""
     logging.getLogger("flwr").setLevel(level)
-
-
-def _roundtrip(content: RecordDict) -> tuple[RecordDict, int]:
-    """Serialize and parse a RecordDict; return the copy and its size in bytes."""
-    data = recorddict_to_proto(content).SerializeToString()
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto), len(data)
 
 
 @dataclass
@@ -54,47 +54,113 @@ class TrafficLog:
         self.received[group] = self.received.get(group, 0) + received
 
 
+class _ContextView(Mapping[int, Context]):
+    """Read-only ``node_id -> Context`` view, rebuilt from the stored state bytes."""
+
+    def __init__(self, grid: InProcessGrid) -> None:
+        self._grid = grid
+
+    def __getitem__(self, node_id: int) -> Context:
+        return self._grid.context(node_id)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._grid.node_ids)
+
+    def __len__(self) -> int:
+        return len(self._grid.node_ids)
+
+
 class InProcessGrid(Grid):
-    """A Grid whose nodes are in-process ClientApp calls, one Context per node."""
+    """A Grid whose nodes are ClientApp calls in this process or in ``workers`` processes.
+
+    ``client_app`` is a ClientApp, or an import reference ``"module:attr"`` to one; a pool
+    of workers needs the reference (each worker imports the app itself).
+    """
 
     def __init__(
         self,
-        client_app: ClientApp,
+        client_app: ClientApp | str,
         num_nodes: int,
         run_config: dict[str, bool | float | int | str] | None = None,
         run_id: int = 1,
         node_id_seed: int = 0,
+        workers: int = 0,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
-        self.client_app = client_app
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        if workers > 0 and not isinstance(client_app, str):
+            raise ValueError("workers >= 1 needs the ClientApp as a reference 'module:attr'")
+        self.client_app = (
+            load_client_app(client_app) if isinstance(client_app, str) else client_app
+        )
         self.run_config = dict(run_config or {})
         self._run = _make_run(run_id, self.run_config)
         # Real SuperNode ids are random unsigned 64-bit numbers; use ids of that size too so
         # code that assumes small ids fails here, not in a deployment.
         rng = random.Random(node_id_seed)
         self.node_ids = [rng.getrandbits(64) | (1 << 63) for _ in range(num_nodes)]
-        # Flower's simulation engine gives each node these two node_config keys.
-        self.contexts = {
-            nid: Context(
-                run_id=run_id,
-                node_id=nid,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=self.run_config,
-            )
-            for i, nid in enumerate(self.node_ids)
-        }
+        self._partition = {nid: i for i, nid in enumerate(self.node_ids)}
+        self._states: dict[int, bytes] = {}  # only nodes whose state is not empty
         self._replies: dict[str, Message] = {}
         self.traffic = TrafficLog()
+        self.pool = (
+            WorkerPool(client_app, self.run_config, workers)
+            if isinstance(client_app, str) and workers > 0
+            else None
+        )
         # Flower's ServerApp runtime sets this process identity before `main` runs; messages
         # built by strategies read the run id from it.
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
 
+    @property
+    def workers(self) -> int:
+        return 0 if self.pool is None else self.pool.workers
+
+    def start(self) -> None:
+        """Start the worker processes now rather than on the first round."""
+        if self.pool is not None:
+            self.pool.start()
+
+    def close(self) -> None:
+        """Stop the worker processes (if any); node states stay readable."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self) -> InProcessGrid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def partition_of(self, node_id: int) -> int:
-        return int(self.contexts[node_id].node_config["partition-id"])
+        return self._partition[node_id]
+
+    def state_bytes(self, node_id: int) -> bytes:
+        """The node's ``context.state`` as serialized between its calls (b"" when empty)."""
+        return self._states.get(node_id, b"")
+
+    def context(self, node_id: int) -> Context:
+        """The node's Context as its ClientApp would receive it next."""
+        state = self.state_bytes(node_id)
+        return Context(
+            run_id=self._run.run_id,
+            node_id=node_id,
+            node_config={
+                "partition-id": self._partition[node_id],
+                "num-partitions": len(self.node_ids),
+            },
+            state=from_bytes(state) if state else RecordDict(),
+            run_config=dict(self.run_config),
+        )
+
+    @property
+    def contexts(self) -> Mapping[int, Context]:
+        return _ContextView(self)
 
     # --- Grid API ---------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -118,41 +184,63 @@ class InProcessGrid(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids: list[str] = []
+        pending: list[tuple[Message, bytes]] = []
         for msg in messages:
             dst = msg.metadata.dst_node_id
-            if dst not in self.contexts:
+            if dst not in self._partition:
                 raise ValueError(f"message addressed to unknown node {dst}")
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             msg.metadata.__dict__["_run_id"] = self._run.run_id
             msg.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
-            group = msg.metadata.group_id
-            content, n_sent = _roundtrip(msg.content)
-            self.traffic.add(group, sent=n_sent)
-            delivered = Message(
-                content, dst, msg.metadata.message_type, ttl=msg.metadata.ttl, group_id=group
-            )
-            for key in ("_message_id", "_run_id", "_src_node_id"):
-                delivered.metadata.__dict__[key] = msg.metadata.__dict__[key]
-            self._replies[msg.metadata.message_id] = self._call(delivered, msg, group)
-            ids.append(msg.metadata.message_id)
-        return ids
+            content = to_bytes(msg.content)
+            self.traffic.add(msg.metadata.group_id, sent=len(content))
+            pending.append((msg, content))
+        # A node receiving two messages in one push runs them one after the other, in
+        # order (its state passes from the first call to the second): split into waves.
+        for wave in _waves(pending):
+            jobs = [self._job(msg, content) for msg, content in wave]
+            for job, (msg, _), result in zip(jobs, wave, self._execute(jobs), strict=True):
+                reply = self._reply(job, msg, result)
+                self.observe(reply)
+                self._replies[msg.metadata.message_id] = reply
+        return [msg.metadata.message_id for msg, _ in pending]
 
-    def _call(self, delivered: Message, original: Message, group: str) -> Message:
-        context = self.contexts[delivered.metadata.dst_node_id]
-        try:
-            out = self.client_app(delivered, context)
-        except Exception as exc:  # a failing client becomes an error reply, as in Flower
-            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            return Message(
-                Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=original
-            )
-        if out.has_error():
-            return Message(out.error, reply_to=original)
-        content, n_recv = _roundtrip(out.content)
-        self.traffic.add(group, received=n_recv)
-        reply = Message(content, reply_to=original)
-        reply.metadata.__dict__["_src_node_id"] = delivered.metadata.dst_node_id
+    def observe(self, reply: Message) -> None:
+        """Called with every reply as it arrives (subclasses count metrics here)."""
+
+    def _job(self, msg: Message, content: bytes) -> NodeJob:
+        md = msg.metadata
+        return NodeJob(
+            node_id=md.dst_node_id,
+            partition_id=self._partition[md.dst_node_id],
+            num_partitions=len(self.node_ids),
+            run_id=md.run_id,
+            message_id=md.message_id,
+            src_node_id=md.src_node_id,
+            message_type=md.message_type,
+            group_id=md.group_id,
+            ttl=md.ttl,
+            content=content,
+            state=self.state_bytes(md.dst_node_id),
+        )
+
+    def _execute(self, jobs: list[NodeJob]) -> Iterable[NodeResult]:
+        if self.pool is None:
+            return (execute(self.client_app, job, self.run_config) for job in jobs)
+        return self.pool.run(jobs)
+
+    def _reply(self, job: NodeJob, original: Message, result: NodeResult) -> Message:
+        if result.state:
+            self._states[job.node_id] = result.state
+        else:
+            self._states.pop(job.node_id, None)
+        if result.error is not None:
+            code, reason = result.error
+            return Message(Error(code=code, reason=reason), reply_to=original)
+        assert result.content is not None
+        self.traffic.add(job.group_id, received=len(result.content))
+        reply = Message(from_bytes(result.content), reply_to=original)
+        reply.metadata.__dict__["_src_node_id"] = job.node_id
         return reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -161,8 +249,22 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        # Clients run synchronously inside push_messages, so every reply is ready.
+        # Clients finish inside push_messages, so every reply is ready.
         return self.pull_messages(self.push_messages(messages))
+
+
+def _waves(items: list[tuple[Message, bytes]]) -> list[list[tuple[Message, bytes]]]:
+    """Split into consecutive groups in which no node appears twice (usually one group)."""
+    waves: list[list[tuple[Message, bytes]]] = [[]]
+    seen: set[int] = set()
+    for item in items:
+        dst = item[0].metadata.dst_node_id
+        if dst in seen:
+            waves.append([])
+            seen = set()
+        waves[-1].append(item)
+        seen.add(dst)
+    return waves
 
 
 def _make_run(run_id: int, config: dict[str, bool | float | int | str]) -> Run:

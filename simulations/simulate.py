@@ -1,10 +1,12 @@
-"""`leanfed simulate`: the main job; the real ServerApp/ClientApp code on an in-process Grid."""
+"""`leanfed simulate`: the real ServerApp and ClientApp on the embedded or the Ray engine."""
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from flwr.common.config import flatten_dict
@@ -13,8 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from client.app import app as client_app
-from server.runner import RoundRecord
+from server.runner import RoundRecord, RunSummary
 from server.security.signing import Signer, signer_from
 from server.session import effective_config, run_recorded
 from server.store import RunStore, StoreError, resolve_db_url
@@ -43,6 +44,18 @@ def build_config(path: Path | None, resume: str | None, extra: dict[str, Any]) -
     return LeanfedConfig.from_run_config(values)
 
 
+Engine = Literal["inprocess", "ray"]
+ENGINES: tuple[str, ...] = ("inprocess", "ray")
+
+
+def default_workers() -> int:
+    """One worker process per core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def simulate(
     cfg: LeanfedConfig,
     db_url: str,
@@ -50,17 +63,25 @@ def simulate(
     name: str | None = None,
     progress: bool = True,
     signer: Signer | None = None,
+    engine: Engine = "inprocess",
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> str:
-    """Run one recorded simulation (checkpoints signed when ``signer``); return its run id."""
+    """Run one recorded simulation (checkpoints signed when ``signer``); return its run id.
+
+    ``engine="inprocess"``: the embedded Grid with ``workers`` processes (0: every client in
+    this process); ``engine="ray"``: Flower's simulation engine on a local Ray instance
+    with ``workers`` CPUs, or on the Ray cluster at ``ray_address``.
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    workers = default_workers() if workers is None else workers
+    if workers < 0 or (engine == "ray" and workers < 1 and not ray_address):
+        raise ConfigError(f"--workers {workers}: expected >= 1 (or 0 for the in-process engine)")
     if progress:
         quiet_flower()
     with RunStore(db_url) as store:
         cfg = effective_config(store, cfg, signer)
-        grid = InProcessGrid(
-            client_app,
-            num_nodes=cfg.num_partitions,
-            run_config=cfg.replace(resume="").to_run_config(),
-        )
         bar = Progress(
             TextColumn("[bold]round"),
             BarColumn(),
@@ -80,8 +101,8 @@ def simulate(
                     info=f"acc {rec.accuracy:.3f}  up {rec.upload_bytes / 1e6:.2f} MB",
                 )
 
-            run_id, summary = run_recorded(
-                grid, cfg, store, name=name, on_round=on_round, signer=signer
+            run_id, summary = _run(
+                cfg, store, engine, workers, ray_address, name, on_round, signer
             )
         table = Table(title=f"run {run_id}")
         for col in ("round", "accuracy", "loss", "upload MB", "download MB", "density", "wall s"):
@@ -99,6 +120,32 @@ def simulate(
         Console().print(table)
         console.print(f"stored in {store.url}; see `leanfed runs show {run_id}`")
     return run_id
+
+
+def _run(
+    cfg: LeanfedConfig,
+    store: RunStore,
+    engine: Engine,
+    workers: int,
+    ray_address: str | None,
+    name: str | None,
+    on_round: Callable[[RoundRecord], None],
+    signer: Signer | None,
+) -> tuple[str, RunSummary]:
+    if engine == "ray":
+        from simulations.ray_engine import run_on_ray  # imports Ray: only when asked for
+
+        return run_on_ray(
+            cfg, store, name=name, on_round=on_round, address=ray_address, num_cpus=workers,
+            signer=signer,
+        )
+    with InProcessGrid(
+        "client.app:app",
+        num_nodes=cfg.num_partitions,
+        run_config=cfg.replace(resume="").to_run_config(),
+        workers=workers,
+    ) as grid:
+        return run_recorded(grid, cfg, store, name=name, on_round=on_round, signer=signer)
 
 
 def register(app: typer.Typer) -> None:
@@ -133,6 +180,17 @@ def register(app: typer.Typer) -> None:
                 "none: unsigned)",
             ),
         ] = None,
+        engine: Annotated[
+            str, typer.Option("--engine", help="inprocess (embedded pool) or ray (Flower's engine)")
+        ] = "inprocess",
+        workers: Annotated[
+            int | None,
+            typer.Option("--workers", help="worker processes / Ray CPUs (default: one per core)"),
+        ] = None,
+        ray_address: Annotated[
+            str | None,
+            typer.Option("--ray-address", help="Ray cluster HOST:PORT to join (--engine ray)"),
+        ] = None,
     ) -> None:
         """Run a federated DST simulation on embedded defaults, recorded in the run store."""
         extra: dict[str, Any] = {}
@@ -144,7 +202,14 @@ def register(app: typer.Typer) -> None:
             cfg = build_config(config, resume, extra)
             signer = signer_from(signing_key)
             simulate(
-                cfg, resolve_db_url(db), name=name, progress=not no_progress, signer=signer
+                cfg,
+                resolve_db_url(db),
+                name=name,
+                progress=not no_progress,
+                signer=signer,
+                engine=engine,  # type: ignore[arg-type]
+                workers=workers,
+                ray_address=ray_address,
             )
         except (ConfigError, StoreError) as exc:
             # soft_wrap: one line whatever the terminal width; escape: no markup from data.

@@ -9,7 +9,7 @@ from typing import Any
 
 RULES = ("dense", "static", "set", "rigl", "gmp")
 STRATEGIES = ("sparse", "flower-fedavg")
-PARTITIONS = ("iid", "dirichlet", "shards")
+PARTITIONS = ("iid", "dirichlet", "shards", "sample")
 VALUE_DTYPES = ("fp32", "fp16", "int8")
 DISTRIBUTIONS = ("erk", "uniform")
 # SNIP/GraSP need training data, which the server never holds: federated runs start from a
@@ -45,6 +45,7 @@ class LeanfedConfig:
     partition_scheme: str = "dirichlet"
     partition_alpha: float = 0.5
     partition_shards: int = 2
+    partition_sample_size: int = 16  # "sample": examples per client (clients may overlap)
     num_partitions: int = 10
     # local training
     local_steps: int = 20
@@ -147,6 +148,7 @@ class LeanfedConfig:
         need(self.partition_scheme in PARTITIONS, "partition.scheme", f"one of {PARTITIONS}")
         need(self.partition_alpha > 0, "partition.alpha", "must be > 0")
         need(self.partition_shards >= 1, "partition.shards", "must be >= 1")
+        need(self.partition_sample_size >= 1, "partition.sample-size", "must be >= 1")
         need(self.num_partitions >= 1, "num-partitions", "must be >= 1")
         need(self.local_steps >= 1, "local.steps", "must be >= 1")
         need(self.local_batch_size >= 1, "local.batch-size", "must be >= 1")

@@ -85,6 +85,23 @@ def label_shards(
     return Partition(f"shards({shards_per_client})", parts)
 
 
+def sample(labels: np.ndarray, num_clients: int, size: int, seed: int) -> Partition:
+    """Each client draws ``size`` distinct examples on its own: overlapping IID samples.
+
+    For simulations with more clients than examples (10,000 clients of a 1,437-example
+    set); client k's draw depends only on (seed, k), not on the number of clients.
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if not 1 <= size <= len(labels):
+        raise ValueError(f"sample size {size} must be in [1, {len(labels)}]")
+    parts = tuple(
+        np.sort(np.random.default_rng([seed, k]).choice(len(labels), size, replace=False))
+        for k in range(num_clients)
+    )
+    return Partition(f"sample({size})", parts)
+
+
 def make_partition(
     scheme: str,
     labels: np.ndarray,
@@ -92,12 +109,17 @@ def make_partition(
     seed: int,
     alpha: float = 0.5,
     shards_per_client: int = 2,
+    sample_size: int = 16,
 ) -> Partition:
-    """Partition by scheme name: "iid", "dirichlet" or "shards"."""
+    """Partition by scheme name: "iid", "dirichlet", "shards" or "sample"."""
     if scheme == "iid":
         return iid(labels, num_clients, seed)
     if scheme == "dirichlet":
         return dirichlet(labels, num_clients, alpha, seed)
     if scheme == "shards":
         return label_shards(labels, num_clients, shards_per_client, seed)
-    raise ValueError(f"unknown partition scheme {scheme!r}; expected iid, dirichlet or shards")
+    if scheme == "sample":
+        return sample(labels, num_clients, sample_size, seed)
+    raise ValueError(
+        f"unknown partition scheme {scheme!r}; expected iid, dirichlet, shards or sample"
+    )

@@ -56,3 +56,21 @@ def test_bad_inputs_name_the_problem() -> None:
         make_partition("weird", LABELS, 3, 0)
     with pytest.raises(ValueError, match="cannot split"):
         iid(LABELS[:2], 3, 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 50), size=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_sample_gives_each_client_its_own_distinct_draw(k: int, size: int, seed: int) -> None:
+    p = make_partition("sample", LABELS, k, seed, sample_size=size)
+    assert p.sizes == [size] * k
+    assert all(len(np.unique(ix)) == size and ix.max() < 500 for ix in p.indices)
+    # A client's draw does not depend on how many clients there are.
+    more = make_partition("sample", LABELS, k + 3, seed, sample_size=size)
+    assert all(np.array_equal(a, b) for a, b in zip(p.indices, more.indices[:k], strict=True))
+
+
+def test_sample_serves_more_clients_than_examples() -> None:
+    p = make_partition("sample", LABELS[:20], 1000, 0, sample_size=4)
+    assert len(p.indices) == 1000
+    with pytest.raises(ValueError, match="sample size"):
+        make_partition("sample", LABELS[:20], 3, 0, sample_size=21)

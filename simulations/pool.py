@@ -1,0 +1,186 @@
+"""Runs one node's ClientApp call from serialized bytes, in this process or in a worker pool.
+
+A call crosses the same boundary a SuperNode's ClientApp process does: the message
+content and the node's ``context.state`` arrive as serialized protobuf ``RecordDict``
+bytes, the ClientApp runs on a fresh ``Context``, and the reply content and the updated
+state go back as bytes. Worker processes (forkserver/spawn, never fork) import the
+ClientApp once, run torch on one thread, and keep whatever the app caches per process
+(the parsed dataset, partitions), so an idle node costs only its node id and state bytes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+# Error code Flower uses for an exception raised inside a ClientApp.
+CLIENT_APP_RAISED_EXCEPTION = 2
+
+RunConfig = dict[str, bool | float | int | str]
+
+
+def to_bytes(records: RecordDict) -> bytes:
+    """Flower's protobuf serialization of a RecordDict (what goes over the wire)."""
+    return bytes(recorddict_to_proto(records).SerializeToString())
+
+
+def from_bytes(data: bytes) -> RecordDict:
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
+def load_client_app(ref: str) -> ClientApp:
+    """Import ``"package.module:attr"`` and check it is a ClientApp."""
+    module, sep, attr = ref.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"client app reference {ref!r} must look like 'package.module:attr'")
+    app = getattr(importlib.import_module(module), attr, None)
+    if not isinstance(app, ClientApp):
+        raise ValueError(f"{ref!r} is not a flwr ClientApp")
+    return app
+
+
+@dataclass(frozen=True)
+class NodeJob:
+    """One message for one node, as bytes plus the metadata the ClientApp may read."""
+
+    node_id: int
+    partition_id: int
+    num_partitions: int
+    run_id: int
+    message_id: str
+    src_node_id: int
+    message_type: str
+    group_id: str
+    ttl: float | None
+    content: bytes  # serialized RecordDict of the message
+    state: bytes  # serialized RecordDict of the node's context.state (b"" when empty)
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """The ClientApp's answer: reply content bytes or an error, and the node's new state."""
+
+    content: bytes | None
+    error: tuple[int, str] | None
+    state: bytes
+
+
+def execute(app: ClientApp, job: NodeJob, run_config: RunConfig) -> NodeResult:
+    """Rebuild message and Context from bytes, run the ClientApp, serialize what comes back.
+
+    As in Flower's ClientApp process, the context is returned even when the app raised
+    (a state the app changed before failing is kept) and the exception becomes an Error.
+    """
+    msg = Message(
+        from_bytes(job.content), job.node_id, job.message_type, ttl=job.ttl, group_id=job.group_id
+    )
+    msg.metadata.__dict__["_message_id"] = job.message_id
+    msg.metadata.__dict__["_run_id"] = job.run_id
+    msg.metadata.__dict__["_src_node_id"] = job.src_node_id
+    context = Context(
+        run_id=job.run_id,
+        node_id=job.node_id,
+        # Flower's simulation engine gives each node these two node_config keys.
+        node_config={"partition-id": job.partition_id, "num-partitions": job.num_partitions},
+        state=from_bytes(job.state) if job.state else RecordDict(),
+        run_config=dict(run_config),
+    )
+    try:
+        out = app(msg, context)
+    except Exception as exc:  # a failing client becomes an error reply, as in Flower
+        reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        return NodeResult(None, (CLIENT_APP_RAISED_EXCEPTION, reason), to_bytes(context.state))
+    state = to_bytes(context.state)
+    if out.has_error():
+        return NodeResult(None, (int(out.error.code), str(out.error.reason)), state)
+    return NodeResult(to_bytes(out.content), None, state)
+
+
+# --- worker processes ---------------------------------------------------------------
+_WORKER: dict[str, object] = {}
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A SIGKILLed simulation cannot shut its pool down; its workers must not linger.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _init_worker(app_ref: str, run_config: RunConfig, threads: int) -> None:
+    import torch
+
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+    # One core per worker: N workers x 1 thread never oversubscribe N cores, and every
+    # worker computes with the same (single-threaded) kernels, so where a client runs
+    # cannot change its floating-point result.
+    torch.set_num_threads(threads)
+    _WORKER["app"] = load_client_app(app_ref)
+    _WORKER["run_config"] = run_config
+
+
+def _run_in_worker(job: NodeJob) -> NodeResult:
+    app = _WORKER["app"]
+    assert isinstance(app, ClientApp)
+    # As Flower's ClientApp process does before each call: messages built here read it.
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = job.run_id
+    TaskIdentity.node_id = job.node_id
+    return execute(app, job, _WORKER["run_config"])  # type: ignore[arg-type]
+
+
+def _ping(_: int) -> int:
+    return os.getpid()
+
+
+class WorkerPool:
+    """``workers`` processes that each import the ClientApp once and run node jobs."""
+
+    def __init__(self, app_ref: str, run_config: RunConfig, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        load_client_app(app_ref)  # fail here, in one line, not inside every worker
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        self.workers = workers
+        self._executor = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=mp.get_context(method),
+            initializer=_init_worker,
+            initargs=(app_ref, dict(run_config), 1),
+        )
+
+    def start(self) -> list[int]:
+        """Start every worker now (imports included); return their process ids."""
+        return sorted(set(self._executor.map(_ping, range(4 * self.workers))))
+
+    def run(self, jobs: Sequence[NodeJob]) -> Iterator[NodeResult]:
+        """Results in job order. Chunks amortize the pipe round trip over several nodes."""
+        chunk = max(1, min(16, len(jobs) // (4 * self.workers)))
+        results = self._executor.map(_run_in_worker, jobs, chunksize=chunk)
+        try:
+            yield from results
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                "a simulation worker process died (out of memory?); run with --workers 0 "
+                "to see the client's own error"
+            ) from exc
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
