@@ -132,6 +132,9 @@ def _init_worker(app_ref: str, run_config: RunConfig, threads: int) -> None:
     # worker computes with the same (single-threaded) kernels, so where a client runs
     # cannot change its floating-point result.
     torch.set_num_threads(threads)
+    # Building the first optimizer imports torch._dynamo (seconds): pay it at start-up,
+    # not inside a worker's first client of round 1.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     _WORKER["app"] = load_client_app(app_ref)
     _WORKER["run_config"] = run_config
 
@@ -147,6 +150,7 @@ def _run_in_worker(job: NodeJob) -> NodeResult:
 
 
 def _ping(_: int) -> int:
+    time.sleep(0.2)  # long enough that one worker cannot answer every ping alone
     return os.getpid()
 
 
@@ -166,9 +170,14 @@ class WorkerPool:
             initargs=(app_ref, dict(run_config), 1),
         )
 
-    def start(self) -> list[int]:
+    def start(self, attempts: int = 20) -> list[int]:
         """Start every worker now (imports included); return their process ids."""
-        return sorted(set(self._executor.map(_ping, range(4 * self.workers))))
+        seen: set[int] = set()
+        for _ in range(attempts):
+            seen.update(self._executor.map(_ping, range(self.workers)))
+            if len(seen) >= self.workers:
+                break
+        return sorted(seen)
 
     def run(self, jobs: Sequence[NodeJob]) -> Iterator[NodeResult]:
         """Results in job order. Chunks amortize the pipe round trip over several nodes."""
