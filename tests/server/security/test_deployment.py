@@ -1,10 +1,12 @@
-"""A real localhost deployment: TLS SuperLink with SuperNode auth, two sites, `flwr run`.
+"""The hospital walkthrough on localhost: the hardened deployment of deploy/README.md.
 
-Each SuperNode is a "site" that reads only its own NPZ file (``--node-config
-data-path=...``), authenticates with its own EC key registered through
-``flwr supernode register``, and trusts the SuperLink through our generated CA. A third
-SuperNode whose key was never registered must be refused. Every process is started in
-its own session and stopped by pid in ``finally``.
+A TLS SuperLink with SuperNode auth listens on loopback for the operator; nginx (when
+installed) exposes only its Fleet API to the sites; the operator's signing key signs the
+app (served to the SuperLink by leanfed's app registry) and every checkpoint; two sites
+with ``--trusted-entities`` each read only their own NPZ file (``--node-config
+data-path=...``), authenticate with their own registered EC key and trust our CA. A third
+SuperNode whose key was never registered must be refused. Every process is started in its
+own session and stopped by pid in ``finally``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import pytest
 
 from server.security import flower, node_keys, processes
 from server.security import tls as tls_files
+from server.security.apps import AppRegistry, sign_app_dir, write_trusted_entities
+from server.security.checkpoints import verify_run
+from server.security.proxy import nginx_binary, write_proxy
+from server.security.signing import generate_signing_key, load_signer, load_verifier
+from server.store import RunStore
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # the repository root: the Flower App
 CONNECTION = "site-link"
 DATASET = "digits"  # sklearn's 8x8 digits: shipped with sklearn, small enough for 2 cores
 RUN_CONFIG = [
@@ -93,17 +100,27 @@ def deploy_and_run(
     """
     home = work / "flwr-home"
     env = flower.flwr_env(home)
-    # The ServerApp records the run; keep its SQLite store out of the repository.
+    # The ServerApp records the run; keep its SQLite store out of the repository. The
+    # signing key reaches it through the SuperLink's environment, never the run config.
     env["LEANFED_DB_URL"] = f"sqlite:///{work / 'runs.db'}"
+    signing = generate_signing_key(work / "signing")
+    env["LEANFED_SIGNING_KEY"] = str(signing.private_key)
     tls = tls_files.generate_tls(work / "certs")
     keys = node_keys.generate_node_keys(work / "keys", len(node_configs) + 1)
     app = flower.copy_app(app_src, work / "app")
+    # The operator signs the app; sites trust only the operator's key.
+    signed = sign_app_dir(app, work / "registry", load_signer(signing.private_key))
+    trusted = write_trusted_entities(work / "trusted.yaml", [signing.public_key])
+    registry = AppRegistry(work / "registry").start()
+    env["FLWR_SUPERGRID_API_URL"] = registry.api_url
     port = processes.free_port()
-    address = f"127.0.0.1:{port}"
+    address = f"127.0.0.1:{port}"  # the operator's (loopback) address
     flower.write_connection(home, CONNECTION, address, root_certificates=tls.ca_cert)
+    nginx = nginx_binary()
+    site_address = f"127.0.0.1:{processes.free_port()}" if nginx else address
 
     procs: list[subprocess.Popen[bytes]] = []
-    out: dict[str, object] = {}
+    out: dict[str, object] = {"signing_key": signing.public_key, "proxied": bool(nginx)}
     try:
         superlink = processes.start_process(
             flower.superlink_command(port, tls, supernode_auth=True),
@@ -113,6 +130,10 @@ def deploy_and_run(
         )
         procs.append(superlink)
         processes.wait_for_health(address, ca_cert=tls.ca_cert, proc=superlink, timeout=60)
+        if nginx:  # sites reach the Fleet API only, through the proxy
+            proxy = write_proxy(work / "proxy", site_address, address, tls)
+            procs.append(processes.start_process(proxy.command(nginx), work / "nginx.log"))
+            processes.wait_for_health(site_address, ca_cert=tls.ca_cert, proc=procs[-1])
 
         for pair in keys[:-1]:
             reg = _register(pair.public_key, env)
@@ -121,11 +142,12 @@ def deploy_and_run(
 
         for i, (pair, node_config) in enumerate(zip(keys[:-1], node_configs, strict=True)):
             cmd = flower.supernode_command(
-                address,
+                site_address,
                 processes.free_port(),
                 node_config,
                 ca_cert=tls.ca_cert,
                 private_key=pair.private_key,
+                trusted_entities=trusted,
             )
             log = work / f"supernode-{i}.log"
             procs.append(processes.start_process(cmd, log, env=env, cwd=work))
@@ -133,7 +155,7 @@ def deploy_and_run(
         # The intruder: valid TLS trust, but its public key was never registered.
         intruder = processes.start_process(
             flower.supernode_command(
-                address,
+                site_address,
                 processes.free_port(),
                 {"data-path": str(work / "nowhere.npz")},
                 ca_cert=tls.ca_cert,
@@ -151,13 +173,16 @@ def deploy_and_run(
         except subprocess.TimeoutExpired:
             out["intruder_code"] = None
 
-        cmd = ["flwr", "run", str(app), CONNECTION, "--stream"]
+        cmd = ["flwr", "run", signed.spec, CONNECTION, "--stream"]
         for item in run_config:
             cmd += ["--run-config", item]
         result = processes.run_logged(
             cmd, work / "flwr-run.log", env=env, timeout=RUN_TIMEOUT_S, cwd=work
         )
         out["result"] = result
+        out["flower_run_id"] = (
+            flower.started_run_id(result.output) if result.returncode == 0 else None
+        )
         out["status"] = (
             flower.run_status(CONNECTION, flower.started_run_id(result.output), env=env)
             if result.returncode == 0
@@ -166,13 +191,14 @@ def deploy_and_run(
     finally:
         for proc in reversed(procs):
             processes.stop_process(proc)
+        registry.stop()
     out["intruder_log"] = (work / "supernode-unregistered.log").read_text(errors="replace")
     out["superlink_log"] = (work / "superlink.log").read_text(errors="replace")
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(480)
 @pytest.mark.skipif(not _flower_installed(), reason="Flower CLI executables not installed")
 def test_tls_deployment_with_supernode_auth(tmp_path: Path) -> None:
     sites = write_site_files(tmp_path / "sites", DATASET, 2)
@@ -192,6 +218,19 @@ def test_tls_deployment_with_supernode_auth(tmp_path: Path) -> None:
     for i in range(2):
         site_log = (tmp_path / f"supernode-{i}.log").read_text(errors="replace")
         assert "Sent successfully" in site_log, _logs(tmp_path)
+        assert "FAB verification failed" not in site_log, _logs(tmp_path)
+    if out["proxied"]:
+        access = (tmp_path / "proxy" / "access.log").read_text()
+        assert "POST /v1/fleet/push-messages" in access, _logs(tmp_path)
+
+    # The store links Flower's run id to the leanfed run, whose checkpoints verify.
+    with RunStore(f"sqlite:///{tmp_path / 'runs.db'}") as store:
+        (run,) = store.list_runs()
+        assert run.flower_run_id == str(out["flower_run_id"]) and run.status == "completed"
+        verifier = load_verifier(Path(str(out["signing_key"])))
+        assert run.signing_key_id == verifier.key_id
+        assert verify_run(store, run.id, verifier) == 1
+        assert [c.accepted for c in store.get_client_results(run.id, 1)] == [True, True]
 
     # The unregistered SuperNode is refused at activation and gives up.
     assert out["intruder_code"] not in (None, 0), _logs(tmp_path)
