@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from server.store import RunStore
 
 SITES_SHOWN = 8  # node ids listed per round; the store keeps them all
-PRIVACY_PREFIXES = ("dp.", "dp-", "privacy.", "secagg.", "secure-aggregation.")
+PRIVACY_PREFIXES = ("dp.", "privacy.", "secure.", "secagg.")  # run-config keys shown
 AUDIT_EVENTS = ("run_started", "run_resumed")
 
 

@@ -15,7 +15,7 @@ def _store(tmp_path: Path) -> tuple[str, str]:
     url = f"sqlite:///{tmp_path / 'a.db'}"
     with RunStore(url) as store:
         run = store.create_run(
-            {"dataset": "digits", "dp.noise-multiplier": 1.1, "dp.clip": 1.0},
+            {"dataset": "digits", "dp.noise-multiplier": 1.1, "secure.mode": "secagg"},
             seed=0, started_by="alice@link", signing_key_id="ed25519:" + "ab" * 16,
             flower_run_id="77",
         )
@@ -38,7 +38,7 @@ def test_audit_trail_entries(tmp_path: Path) -> None:
         (None, "created", f"by alice@link; checkpoints signed by ed25519:{'ab' * 16}; "
                           "Flower run 77"),
         (None, "resumed", "by bob@link after round 1 with no key"),
-        (None, "privacy", "dp.clip=1.0, dp.noise-multiplier=1.1"),
+        (None, "privacy", "dp.noise-multiplier=1.1, secure.mode=secagg"),
         (1, "sites", "1 accepted: 11"),
         (1, "rejected", "node 12: [bold]norm 1e9 above bound"),
     ]
