@@ -15,7 +15,7 @@ Layout (all integers little-endian; "varint" = unsigned LEB128)::
       value code 1  0 fp32 | 1 fp16 | 2 int8 (+ fp32 scale) | 16.. raw exact dtype (non-fp32)
       mask code  1  0 none (dense) | 1 same as previous mask | 2 bit-packed | 3 varint deltas
                     | 4 all ones | 5 Rice-coded gaps
-      mask data  per mask code (see `_read_mask`)
+      mask data  per mask code (see `strategies.codec_masks.read_mask`)
       values     the entries under the mask in row-major order, in the value code's dtype
 
 The mask encoding is chosen per tensor as the smallest of bit-packed (ceil(n/8) bytes,
@@ -26,16 +26,65 @@ i.i.d. random masks at any density), so mask bytes track the information bound.
 Values under the mask are fp32 (exact), fp16 or int8 with one symmetric per-tensor fp32
 scale s = max|v| / 127 (error <= s/2 per entry). Tensors that are not float32 (e.g.
 BatchNorm's int64 ``num_batches_tracked``) are always written raw and exact.
+
+Decoding is for hostile bytes. Given the receiver's `expected_spec` (the server passes its
+global model's), the header's tensor count, then each record's name, shape, value dtype
+and mask kind are checked against it BEFORE the tensor is allocated, so a payload can
+only ever produce the model's own tensors. Every length is checked against the bytes
+present before reading; decoding allocates the outputs (values, masks: about 1.25x the
+model's fp32 size) plus O(chunk) transients, all in numpy (so tracemalloc sees it), and
+takes time linear in payload and model size. Every malformed input raises `CodecError`.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
+from strategies.codec_masks import (
+    MASK_ALL,
+    MASK_BITPACK,
+    MASK_DELTA,
+    MASK_ENCODING_NAMES,
+    MASK_NONE,
+    MASK_RICE,
+    MASK_SAME,
+    CodecError,
+    Reader,
+    choose_mask_encoding,
+    mask_encoding_sizes,
+    read_mask,
+    varint,
+    write_mask,
+)
+
+__all__ = [
+    "MASK_ALL",
+    "MASK_BITPACK",
+    "MASK_DELTA",
+    "MASK_ENCODING_NAMES",
+    "MASK_NONE",
+    "MASK_RICE",
+    "MASK_SAME",
+    "CodecError",
+    "TensorSpec",
+    "choose_mask_encoding",
+    "decode",
+    "decode_with",
+    "encode",
+    "expected_spec",
+    "from_arrayrecord",
+    "mask_encoding_sizes",
+    "max_payload_bytes",
+    "payload_flags",
+    "to_arrayrecord",
+]
 
 Mask = dict[str, torch.Tensor]  # same alias as strategies.sparse.masks.Mask
 
@@ -43,11 +92,13 @@ MAGIC = b"LFD1"
 FORMAT_VERSION = 1
 PAYLOAD_KEY = "leanfed.payload"
 VALUE_DTYPES = ("fp32", "fp16", "int8")
-# A decoder refuses to allocate tensors larger than this (a forged shape must not OOM us).
-MAX_NUMEL = 1 << 30
+# Without an expected spec, a decoder refuses payloads declaring more entries than this in
+# total (a forged shape must not OOM us). With one, shapes must match the spec exactly.
+MAX_NUMEL = 1 << 28
 
 _HEADER = struct.Struct("<4sBBIII")  # magic, version, flags, count, body_len, crc32
 _FLAG_MASK_SENT = 1
+_MIN_RECORD = 4  # bytes of the smallest tensor record: name length, ndim, two codes
 
 _VAL_FP32, _VAL_FP16, _VAL_INT8 = 0, 1, 2
 _RAW_CODES: dict[torch.dtype, int] = {
@@ -64,272 +115,44 @@ _RAW_CODES: dict[torch.dtype, int] = {
 _RAW_DTYPES = {code: dtype for dtype, code in _RAW_CODES.items()}
 _VALUE_CODE = {"fp32": _VAL_FP32, "fp16": _VAL_FP16, "int8": _VAL_INT8}
 
-MASK_NONE, MASK_SAME, MASK_BITPACK, MASK_DELTA, MASK_ALL, MASK_RICE = 0, 1, 2, 3, 4, 5
-MASK_ENCODING_NAMES = {
-    MASK_NONE: "none",
-    MASK_SAME: "same",
-    MASK_BITPACK: "bitpack",
-    MASK_DELTA: "delta",
-    MASK_ALL: "all",
-    MASK_RICE: "rice",
-}
-_MAX_RICE_K = 30
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one tensor of an acceptable payload must be: shape, dtype, masked or dense."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    masked: bool  # True: a sparsified key, must carry a mask; False: must be sent dense
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
 
 
-class CodecError(ValueError):
-    """A payload could not be encoded, or decoded bytes are truncated, corrupt or invalid."""
-
-
-# --------------------------------------------------------------------------- varints
-def _varint(n: int) -> bytes:
-    if n < 0:
-        raise CodecError(f"cannot varint-encode negative {n}")
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _varints(values: np.ndarray) -> bytes:
-    """Vectorised LEB128 of a 1-D array of non-negative ints."""
-    v = values.astype(np.uint64)
-    nbytes = np.ones(len(v), dtype=np.int64)
-    for k in range(1, 10):
-        nbytes += (v >= np.uint64(1) << np.uint64(7 * k)).astype(np.int64)
-    out = np.zeros(int(nbytes.sum()), dtype=np.uint8)
-    starts = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
-    for k in range(int(nbytes.max(initial=0))):
-        sel = nbytes > k
-        chunk = ((v[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        cont = (nbytes[sel] > k + 1).astype(np.uint8) << 7
-        out[starts[sel] + k] = chunk | cont
-    return out.tobytes()
-
-
-class _Reader:
-    """Bounds-checked cursor over the body; every read names what it was reading."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise CodecError(
-                f"truncated payload: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {len(self.data) - self.pos} left"
-            )
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def varint(self, what: str) -> int:
-        shift, n = 0, 0
-        while True:
-            if shift > 63:
-                raise CodecError(f"varint for {what} is longer than 64 bits")
-            b = self.u8(what)
-            n |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return n
-
-    def varints(self, count: int, what: str) -> np.ndarray:
-        """Decode `count` varints at once (vectorised)."""
-        if count == 0:
-            return np.zeros(0, dtype=np.int64)
-        rest = np.frombuffer(self.data, dtype=np.uint8, offset=self.pos)
-        ends = np.flatnonzero(rest < 0x80)  # the last byte of each varint
-        if len(ends) < count:
-            raise CodecError(f"truncated payload: {what} needs {count} varints")
-        ends = ends[:count]
-        starts = np.concatenate(([0], ends[:-1] + 1))
-        lengths = ends - starts + 1
-        if lengths.max() > 9:
-            raise CodecError(f"varint in {what} is longer than 63 bits")
-        out = np.zeros(count, dtype=np.int64)
-        for k in range(int(lengths.max())):
-            sel = lengths > k
-            out[sel] |= (rest[starts[sel] + k].astype(np.int64) & 0x7F) << (7 * k)
-        self.pos += int(ends[-1]) + 1
-        return out
-
-
-# --------------------------------------------------------------------------- masks
-def _indices(m: torch.Tensor) -> np.ndarray:
-    return np.flatnonzero(m.detach().reshape(-1).cpu().numpy())
-
-
-def _rice_sizes(gaps: np.ndarray) -> tuple[int, int]:
-    """Best Rice parameter k and the code length in bits: sum(g >> k) + count * (1 + k)."""
-    best_k, best_bits = 0, -1
-    for k in range(_MAX_RICE_K + 1):
-        bits = int((gaps >> k).sum()) + len(gaps) * (1 + k)
-        if best_bits < 0 or bits < best_bits:
-            best_k, best_bits = k, bits
-        if k and (gaps >> k).max(initial=0) == 0:
-            break  # larger k only adds remainder bits
-    return best_k, best_bits
-
-
-def _rice_encode(gaps: np.ndarray, k: int) -> bytes:
-    """Each gap g as unary(g >> k) zeros, a terminating 1, then the k low bits of g (MSB first)."""
-    q = gaps >> k
-    lengths = q + 1 + k
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
-    bits = np.zeros(int(lengths.sum()), dtype=np.uint8)
-    term = starts + q
-    bits[term] = 1
-    for j in range(k):
-        bits[term + 1 + j] = (gaps >> (k - 1 - j)) & 1
-    return np.packbits(bits, bitorder="little").tobytes()
-
-
-def _rice_decode(data: bytes, count: int, k: int, numel: int, name: str) -> np.ndarray:
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
-    nbits = len(bits)
-    # next_one[p]: the first set bit at or after p (nbits if none), so finding each
-    # codeword's terminating 1 is one lookup, not a scan over remainder bits.
-    next_one = np.full(nbits + 1, nbits, dtype=np.int64)
-    ones = np.flatnonzero(bits)
-    next_one[ones] = ones
-    next_one = np.minimum.accumulate(next_one[::-1])[::-1]
-    nxt = next_one.tolist()
-    terms = [0] * count
-    pos = 0
-    for i in range(count):  # sequential by nature: codeword i+1 starts after codeword i
-        t = nxt[pos]
-        if t >= nbits:
-            raise CodecError(f"tensor {name!r}: Rice-coded mask ends after {i} of {count} gaps")
-        if t + 1 + k > nbits:
-            raise CodecError(f"tensor {name!r}: Rice-coded mask truncated in gap {i}")
-        terms[i] = t
-        pos = t + 1 + k
-    term = np.asarray(terms, dtype=np.int64)
-    starts = np.concatenate(([0], term[:-1] + 1 + k)).astype(np.int64)[:count]
-    # remainder: the k bits after each terminator, MSB first  [count]
-    rem = np.zeros(count, dtype=np.int64)
-    for j in range(k):
-        rem = (rem << 1) | bits[term + 1 + j].astype(np.int64)
-    gaps = ((term - starts) << k) | rem
-    idx = np.cumsum(gaps + 1) - 1
-    if count and idx[-1] >= numel:
-        raise CodecError(
-            f"tensor {name!r}: mask index {int(idx[-1])} out of range for {numel} entries"
-        )
-    return idx
-
-
-def mask_encoding_sizes(m: torch.Tensor) -> dict[str, int]:
-    """Bytes each mask encoding would take for bool tensor `m` (excluding the 1-byte code)."""
-    idx = _indices(m)
-    n, c = m.numel(), len(idx)
-    deltas = np.diff(idx, prepend=0)
-    gaps = np.diff(idx, prepend=-1) - 1
-    k, bits = _rice_sizes(gaps)
+def expected_spec(
+    state: Mapping[str, torch.Tensor], mask: Mapping[str, object]
+) -> dict[str, TensorSpec]:
+    """The spec of payloads carrying `state`'s tensors, masked exactly on `mask`'s keys."""
     return {
-        "bitpack": (n + 7) // 8,
-        "delta": len(_varint(c)) + len(_varints(deltas)),
-        "rice": len(_varint(c)) + 1 + len(_varint((bits + 7) // 8)) + (bits + 7) // 8,
-        "all": 0 if c == n else -1,
+        k: TensorSpec(tuple(int(s) for s in v.shape), v.dtype, k in mask) for k, v in state.items()
     }
 
 
-def choose_mask_encoding(m: torch.Tensor) -> str:
-    """The encoding `encode` writes for this mask: "all", "bitpack", "delta" or "rice"."""
-    sizes = mask_encoding_sizes(m)
-    if sizes.pop("all") == 0:
-        return "all"
-    return min(sizes, key=lambda key: (sizes[key], key))
+def max_payload_bytes(spec: Mapping[str, TensorSpec]) -> int:
+    """An upper bound on the size of any payload `decode` accepts for `spec` (see layout).
 
-
-def _write_mask(m: torch.Tensor, name: str) -> tuple[bytes, np.ndarray]:
-    """(code byte + mask bytes, flat active indices)."""
-    if m.dtype != torch.bool:
-        raise CodecError(f"mask for {name!r} must be a bool tensor, got {m.dtype}")
-    idx = _indices(m)
-    choice = choose_mask_encoding(m)
-    if choice == "all":
-        return bytes([MASK_ALL]), idx
-    if choice == "bitpack":
-        flat = m.detach().reshape(-1).cpu().numpy().astype(np.uint8)
-        return bytes([MASK_BITPACK]) + np.packbits(flat, bitorder="little").tobytes(), idx
-    if choice == "delta":
-        # First delta is the absolute index, later ones are >= 1 (strictly increasing).
-        deltas = np.diff(idx, prepend=0)
-        return bytes([MASK_DELTA]) + _varint(len(idx)) + _varints(deltas), idx
-    gaps = np.diff(idx, prepend=-1) - 1  # g_i = idx_i - idx_{i-1} - 1 >= 0
-    k, _ = _rice_sizes(gaps)
-    body = _rice_encode(gaps, k)
-    return bytes([MASK_RICE]) + _varint(len(idx)) + bytes([k]) + _varint(len(body)) + body, idx
-
-
-def _read_mask(
-    r: _Reader,
-    code: int,
-    numel: int,
-    name: str,
-    previous: torch.Tensor | None,
-    shape: tuple[int, ...],
-) -> np.ndarray | None:
-    """Flat active indices (sorted), or None for a dense tensor."""
-    if code == MASK_NONE:
-        return None
-    if code == MASK_ALL:
-        return np.arange(numel)
-    if code == MASK_SAME:
-        if previous is None:
-            raise CodecError(
-                f"tensor {name!r} reuses the previous mask but no previous mask was given "
-                "(use decode_with(payload, previous_mask))"
-            )
-        if tuple(previous.shape) != shape:
-            raise CodecError(
-                f"previous mask for {name!r} has shape {tuple(previous.shape)}, "
-                f"payload says {shape}"
-            )
-        return _indices(previous.bool())
-    if code == MASK_BITPACK:
-        raw = r.take((numel + 7) // 8, f"bit-packed mask of {name!r}")
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-        if bits[numel:].any():
-            raise CodecError(f"tensor {name!r}: bit-packed mask has bits set past {numel} entries")
-        return np.flatnonzero(bits[:numel])
-    if code == MASK_DELTA:
-        count = r.varint(f"index count of {name!r}")
-        if count > numel:
-            raise CodecError(f"tensor {name!r}: {count} mask indices for {numel} entries")
-        deltas = r.varints(count, f"mask deltas of {name!r}")
-        if count > 1 and (deltas[1:] <= 0).any():
-            raise CodecError(f"tensor {name!r}: mask index deltas are not strictly increasing")
-        idx = np.cumsum(deltas)
-        if count and (idx[-1] >= numel or idx[-1] < 0):
-            raise CodecError(f"tensor {name!r}: mask index out of range for {numel} entries")
-        return idx
-    if code == MASK_RICE:
-        count = r.varint(f"index count of {name!r}")
-        if count > numel:
-            raise CodecError(f"tensor {name!r}: {count} mask indices for {numel} entries")
-        k = r.u8(f"Rice parameter of {name!r}")
-        if k > _MAX_RICE_K:
-            raise CodecError(f"tensor {name!r}: Rice parameter {k} > {_MAX_RICE_K}")
-        nbytes = r.varint(f"Rice stream length of {name!r}")
-        idx = _rice_decode(r.take(nbytes, f"Rice-coded mask of {name!r}"), count, k, numel, name)
-        used_bits = int(((np.diff(idx, prepend=-1) - 1) >> k).sum()) + count * (1 + k)
-        if (used_bits + 7) // 8 != nbytes:
-            raise CodecError(
-                f"tensor {name!r}: Rice stream is {nbytes} bytes, codes use {used_bits} bits"
-            )
-        return idx
-    raise CodecError(f"tensor {name!r}: unknown mask encoding code {code}")
+    Per tensor: name and dims varints, two codes, the largest mask (a delta stream is at
+    most numel + 10 bytes), and the values (raw itemsize, or fp32 plus an int8 scale).
+    """
+    total = _HEADER.size
+    for name, t in spec.items():
+        item = t.dtype.itemsize if t.dtype != torch.float32 else 4
+        total += 10 + len(name.encode("utf-8")) + 1 + 10 * len(t.shape) + 2
+        total += (t.numel + 20 if t.masked else 0) + 4 + item * t.numel
+    return total
 
 
 # --------------------------------------------------------------------------- values
@@ -364,28 +187,61 @@ def _write_values(flat: torch.Tensor, value_dtype: str, name: str) -> tuple[int,
     raise CodecError(f"value_dtype must be one of {VALUE_DTYPES}, got {value_dtype!r}")
 
 
-def _read_values(r: _Reader, code: int, count: int, name: str) -> torch.Tensor:
-    what = f"values of {name!r}"
-    if code == _VAL_FP32:
-        return torch.from_numpy(np.frombuffer(r.take(4 * count, what), dtype="<f4").copy())
-    if code == _VAL_FP16:
-        arr = np.frombuffer(r.take(2 * count, what), dtype="<f2").astype(np.float32)
-        return torch.from_numpy(arr)
-    if code == _VAL_INT8:
-        (scale,) = struct.unpack("<f", r.take(4, f"int8 scale of {name!r}"))
-        if not np.isfinite(scale) or scale < 0:
-            raise CodecError(f"tensor {name!r}: invalid int8 scale {scale}")
-        q = np.frombuffer(r.take(count, what), dtype=np.int8).astype(np.float32)
-        return torch.from_numpy(q * np.float32(scale))
-    dtype = _RAW_DTYPES.get(code)
-    if dtype is None:
-        raise CodecError(f"tensor {name!r}: unknown value dtype code {code}")
+_LOSSY_WIRE: dict[int, np.dtype] = {
+    _VAL_FP32: np.dtype("<f4"),
+    _VAL_FP16: np.dtype("<f2"),
+    _VAL_INT8: np.dtype(np.int8),
+}
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    """Little-endian numpy dtype of the raw wire form (bfloat16 travels as its int16 bits)."""
     if dtype == torch.bfloat16:
-        raw = np.frombuffer(r.take(2 * count, what), dtype="<i2").copy()
-        return torch.from_numpy(raw).view(torch.bfloat16)
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype.newbyteorder("<")
-    raw = np.frombuffer(r.take(np_dtype.itemsize * count, what), dtype=np_dtype)
-    return torch.from_numpy(raw.astype(np_dtype.newbyteorder("=")))
+        return np.dtype("<i2")
+    return torch.empty(0, dtype=dtype).numpy().dtype.newbyteorder("<")
+
+
+def _read_values(
+    r: Reader, code: int, mask: np.ndarray | None, numel: int, name: str
+) -> np.ndarray:
+    """The tensor's flat values [numel] in its own dtype, zeros off `mask` (None = dense).
+
+    Only the output is allocated: fp32 entries are copied straight from the payload into
+    it, fp16/int8 are cast on assignment (numpy's buffered casting), int8 scaled in place.
+    """
+    what = f"values of {name!r}"
+    count = numel if mask is None else int(np.count_nonzero(mask))
+    if code in (_VAL_FP32, _VAL_FP16, _VAL_INT8):
+        scale = None
+        if code == _VAL_INT8:
+            (scale,) = struct.unpack("<f", r.take(4, f"int8 scale of {name!r}"))
+            if not np.isfinite(scale) or scale < 0:
+                raise CodecError(f"tensor {name!r}: invalid int8 scale {scale}")
+        wire = _LOSSY_WIRE[code]
+        src = np.frombuffer(r.take(wire.itemsize * count, what), dtype=wire)
+        out = np.zeros(numel, dtype=np.float32)
+    else:
+        dtype = _RAW_DTYPES.get(code)
+        if dtype is None:
+            raise CodecError(f"tensor {name!r}: unknown value dtype code {code}")
+        wire = _np_dtype(dtype)
+        src = np.frombuffer(r.take(wire.itemsize * count, what), dtype=wire)
+        out = np.zeros(numel, dtype=wire.newbyteorder("="))
+        scale = None
+    if mask is None:
+        out[:] = src
+    else:
+        out[mask] = src
+    if scale is not None:
+        out *= np.float32(scale)
+    return out
+
+
+def _to_torch(flat: np.ndarray, code: int, shape: tuple[int, ...]) -> torch.Tensor:
+    t = torch.from_numpy(flat)
+    if _RAW_DTYPES.get(code) == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.reshape(shape)
 
 
 # --------------------------------------------------------------------------- payload
@@ -415,9 +271,9 @@ def encode(
         if len(shape) > 255:
             raise CodecError(f"tensor {name!r} has {len(shape)} dims (max 255)")
         raw_name = name.encode("utf-8")
-        body += _varint(len(raw_name)) + raw_name + bytes([len(shape)])
+        body += varint(len(raw_name)) + raw_name + bytes([len(shape)])
         for s in shape:
-            body += _varint(s)
+            body += varint(s)
         flat = tensor.detach().reshape(-1)
         m = mask.get(name)
         if m is None:
@@ -426,7 +282,7 @@ def encode(
             continue
         if tuple(m.shape) != shape:
             raise CodecError(f"mask for {name!r} has shape {tuple(m.shape)}, value has {shape}")
-        mask_bytes, idx = _write_mask(m, name)
+        mask_bytes, idx = write_mask(m, name)
         if not send_mask:
             mask_bytes = bytes([MASK_SAME])
         code, data = _write_values(flat[torch.from_numpy(idx)], value_dtype, name)
@@ -437,70 +293,123 @@ def encode(
     return _HEADER.pack(MAGIC, FORMAT_VERSION, flags, len(values), len(body), crc) + bytes(body)
 
 
-def _decode(payload: bytes, previous_mask: Mask | None) -> tuple[dict[str, torch.Tensor], Mask]:
+def _check_header(
+    payload: object, expected: Mapping[str, TensorSpec] | None
+) -> tuple[memoryview, int]:
+    """(body, tensor count) after checking magic, version, length, CRC and count."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
-    payload = bytes(payload)
-    if len(payload) < _HEADER.size:
-        raise CodecError(f"truncated payload: {len(payload)} bytes, header needs {_HEADER.size}")
-    magic, version, flags, count, body_len, crc = _HEADER.unpack_from(payload)
+    view = memoryview(payload).cast("B")
+    if len(view) < _HEADER.size:
+        raise CodecError(f"truncated payload: {len(view)} bytes, header needs {_HEADER.size}")
+    magic, version, _, count, body_len, crc = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise CodecError(f"bad magic {magic!r}: not a leanfed payload (expected {MAGIC!r})")
     if version != FORMAT_VERSION:
         raise CodecError(
             f"unsupported payload version {version} (this decoder reads {FORMAT_VERSION})"
         )
-    body = payload[_HEADER.size :]
+    body = view[_HEADER.size :]
     if len(body) != body_len:
         raise CodecError(f"payload body is {len(body)} bytes, header says {body_len} (truncated?)")
-    if zlib.crc32(payload[4:14] + body) & 0xFFFFFFFF != crc:
+    if expected is not None and count != len(expected):
+        raise CodecError(f"payload holds {count} tensors, the model has {len(expected)}")
+    if count * _MIN_RECORD > body_len:
+        raise CodecError(f"payload declares {count} tensors in only {body_len} body bytes")
+    if zlib.crc32(body, zlib.crc32(view[4:14])) & 0xFFFFFFFF != crc:
         raise CodecError("CRC32 mismatch: payload is corrupt")
-    r = _Reader(body)
+    return body, count
+
+
+def _check_record(
+    name: str, shape: tuple[int, ...], vcode: int, mcode: int, spec: TensorSpec
+) -> None:
+    """Refuse a tensor record that does not match the expected spec (before allocating)."""
+    if shape != spec.shape:
+        raise CodecError(f"tensor {name!r}: shape {shape}, expected {spec.shape}")
+    if spec.dtype == torch.float32:
+        if vcode not in (_VAL_FP32, _VAL_FP16, _VAL_INT8):
+            raise CodecError(f"tensor {name!r}: value code {vcode}, expected an fp32 encoding")
+    elif vcode != _RAW_CODES.get(spec.dtype):
+        raise CodecError(f"tensor {name!r}: value code {vcode}, expected raw {spec.dtype}")
+    if spec.masked and mcode == MASK_NONE:
+        raise CodecError(f"tensor {name!r} is sparsified but was sent without a mask")
+    if not spec.masked and mcode != MASK_NONE:
+        raise CodecError(f"tensor {name!r} is dense but was sent with mask code {mcode}")
+
+
+def _read_shape(r: Reader, name: str, ndim: int, budget: int) -> tuple[tuple[int, ...], int]:
+    """(shape, numel); refuses a product above `budget` as soon as it is exceeded."""
+    shape: list[int] = []
+    numel = 1
+    for _ in range(ndim):
+        s = r.varint(f"shape of {name!r}")
+        shape.append(s)
+        numel *= s
+        if numel > budget:
+            raise CodecError(f"tensor {name!r}: shape exceeds {budget} entries")
+    return tuple(shape), (0 if 0 in shape else numel)
+
+
+def _decode(
+    payload: bytes,
+    previous_mask: Mask | None,
+    expected: Mapping[str, TensorSpec] | None,
+) -> tuple[dict[str, torch.Tensor], Mask]:
+    body, count = _check_header(payload, expected)
+    r = Reader(body)
     values: dict[str, torch.Tensor] = {}
     mask: Mask = {}
+    budget = MAX_NUMEL  # entries left to allocate without a spec
     for _ in range(count):
         name_len = r.varint("tensor name length")
         try:
-            name = r.take(name_len, "tensor name").decode("utf-8")
+            name = bytes(r.take(name_len, "tensor name")).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CodecError(f"tensor name is not valid utf-8: {exc}") from exc
         if name in values:
             raise CodecError(f"duplicate tensor name {name!r}")
+        spec = None if expected is None else expected.get(name)
+        if expected is not None and spec is None:
+            raise CodecError(f"unexpected tensor {name!r}: not in the model")
         ndim = r.u8(f"ndim of {name!r}")
-        shape = tuple(r.varint(f"shape of {name!r}") for _ in range(ndim))
-        numel = int(np.prod(shape, dtype=np.float64)) if shape else 1
-        if numel > MAX_NUMEL:
-            raise CodecError(f"tensor {name!r}: shape {shape} exceeds {MAX_NUMEL} entries")
+        if spec is not None and ndim != len(spec.shape):
+            raise CodecError(f"tensor {name!r}: {ndim} dims, expected {len(spec.shape)}")
+        shape, numel = _read_shape(r, name, ndim, budget if spec is None else spec.numel)
         vcode = r.u8(f"value dtype of {name!r}")
         mcode = r.u8(f"mask encoding of {name!r}")
+        if spec is not None:
+            _check_record(name, shape, vcode, mcode, spec)
+        else:
+            budget -= numel
         prev = None if previous_mask is None else previous_mask.get(name)
-        idx = _read_mask(r, mcode, numel, name, prev, shape)
-        if idx is None:
-            vals = _read_values(r, vcode, numel, name)
-            values[name] = vals.reshape(shape)
-            continue
-        vals = _read_values(r, vcode, len(idx), name)
-        full = torch.zeros(numel, dtype=vals.dtype)
-        t_idx = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-        full[t_idx] = vals
-        m = torch.zeros(numel, dtype=torch.bool)
-        m[t_idx] = True
-        values[name] = full.reshape(shape)
-        mask[name] = m.reshape(shape)
+        m = read_mask(r, mcode, numel, name, prev, shape)
+        values[name] = _to_torch(_read_values(r, vcode, m, numel, name), vcode, shape)
+        if m is not None:
+            mask[name] = torch.from_numpy(m).reshape(shape)
     if r.pos != len(body):
         raise CodecError(f"{len(body) - r.pos} trailing bytes after {count} tensors")
     return values, mask
 
 
-def decode(payload: bytes) -> tuple[dict[str, torch.Tensor], Mask | None]:
-    """Decode a payload that carries its own mask: (full-shape values, mask or None if dense)."""
-    values, mask = _decode(payload, None)
+def decode(
+    payload: bytes, expected: Mapping[str, TensorSpec] | None = None
+) -> tuple[dict[str, torch.Tensor], Mask | None]:
+    """Decode a payload that carries its own mask: (full-shape values, mask or None if dense).
+
+    `expected` (see `expected_spec`): refuse anything but exactly these tensors.
+    """
+    values, mask = _decode(payload, None, expected)
     return values, (mask or None)
 
 
-def decode_with(payload: bytes, previous_mask: Mask | None) -> tuple[dict[str, torch.Tensor], Mask]:
+def decode_with(
+    payload: bytes,
+    previous_mask: Mask | None,
+    expected: Mapping[str, TensorSpec] | None = None,
+) -> tuple[dict[str, torch.Tensor], Mask]:
     """Decode; tensors sent as "same mask as before" take their mask from `previous_mask`."""
-    return _decode(payload, previous_mask)
+    return _decode(payload, previous_mask, expected)
 
 
 def payload_flags(payload: bytes) -> dict[str, bool]:
@@ -516,14 +425,20 @@ def to_arrayrecord(payload: bytes) -> ArrayRecord:
     return ArrayRecord({PAYLOAD_KEY: Array(arr)})
 
 
-def from_arrayrecord(rec: ArrayRecord) -> bytes:
-    """The payload bytes inside an ArrayRecord made by `to_arrayrecord`."""
+def from_arrayrecord(rec: ArrayRecord, max_bytes: int | None = None) -> bytes:
+    """The payload bytes inside an ArrayRecord made by `to_arrayrecord`.
+
+    `max_bytes` (e.g. `max_payload_bytes(spec)`): refuse a larger Array before reading it.
+    """
     if PAYLOAD_KEY not in rec:
         raise CodecError(f"ArrayRecord has no {PAYLOAD_KEY!r} entry (keys: {sorted(rec)})")
     if len(rec) != 1:
         raise CodecError(f"ArrayRecord must hold only {PAYLOAD_KEY!r}, got keys {sorted(rec)}")
+    array = rec[PAYLOAD_KEY]
+    if max_bytes is not None and len(array.data) > max_bytes + 1024:  # + .npy header
+        raise CodecError(f"payload Array is {len(array.data)} bytes, at most {max_bytes} expected")
     try:
-        arr = rec[PAYLOAD_KEY].numpy()
+        arr = array.numpy()
     except Exception as exc:  # a forged Array can fail to deserialize in many ways
         raise CodecError(f"payload Array could not be read: {exc}") from exc
     if arr.dtype != np.uint8 or arr.ndim != 1:
