@@ -128,6 +128,8 @@ class StoreRecorder:
             {"kind": "client_eval", "node_id": e["node_id"], "detail": e["metrics"]}
             for e in getattr(strategy, "round_eval_clients", {}).get(rec.round, [])
         ]
+        # Rejected evaluate replies and rejected rounds (strategies.aggregation.guard).
+        events += [dict(e) for e in getattr(strategy, "round_events", {}).get(rec.round, [])]
         task_accs = {f"task_acc.{j}": a for j, a in enumerate(rec.task_accuracies)}
         checkpoint = checkpoint_bytes(rec.round, state, strategy)
         signature = None

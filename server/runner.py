@@ -26,6 +26,7 @@ from strategies.aggregation.counting import ByteCountingFedAvg
 from strategies.aggregation.merge import MergeOptions, MergeRule
 from strategies.aggregation.secagg import SecAggSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
+from strategies.aggregation.validate import ReplyLimits
 from strategies.sparse.layout import plan_densities, planned_random_mask
 from strategies.sparse.masks import Mask
 from strategies.sparse.saliency import saliency_mask, saliency_scores
@@ -153,8 +154,9 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
         "min_evaluate_nodes": 0 if cfg.fraction_evaluate == 0 else 1,
         "min_available_nodes": cfg.min_train_nodes,
     }
+    limits = reply_limits(cfg)
     if cfg.strategy == "flower-fedavg":
-        return ByteCountingFedAvg(**sampling)
+        return ByteCountingFedAvg(limits=limits, **sampling)
     dynamic = cfg.dst_rule in ("set", "rigl")
     end_round: int | None = max(1, int(cfg.dst_end_round_fraction * cfg.num_server_rounds))
     if cfg.cl_scenario != "none":
@@ -191,7 +193,18 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
         mask_update_end_round=end_round if dynamic else 0,
         max_density_tolerance=cfg.aggregation_max_density_tolerance,
         seed=cfg.seed,
+        limits=limits,
         **sampling,  # type: ignore[arg-type]
+    )
+
+
+def reply_limits(cfg: LeanfedConfig) -> ReplyLimits:
+    """The run config's bounds on client replies (see strategies.aggregation.validate)."""
+    return ReplyLimits(
+        max_num_examples=cfg.aggregation_max_num_examples,
+        max_abs=cfg.aggregation_max_abs_value,
+        norm_factor=cfg.aggregation_norm_bound_factor,
+        max_norm=cfg.aggregation_max_update_norm,
     )
 
 

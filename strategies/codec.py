@@ -366,12 +366,12 @@ def _decode(
         try:
             name = bytes(r.take(name_len, "tensor name")).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise CodecError(f"tensor name is not valid utf-8: {exc}") from exc
+            raise CodecError("tensor name is not valid utf-8") from exc
+        spec = None if expected is None else expected.get(name)
+        if expected is not None and spec is None:  # never echo a name the model lacks
+            raise CodecError(f"tensor record {len(values)}: name not in the model")
         if name in values:
             raise CodecError(f"duplicate tensor name {name!r}")
-        spec = None if expected is None else expected.get(name)
-        if expected is not None and spec is None:
-            raise CodecError(f"unexpected tensor {name!r}: not in the model")
         ndim = r.u8(f"ndim of {name!r}")
         if spec is not None and ndim != len(spec.shape):
             raise CodecError(f"tensor {name!r}: {ndim} dims, expected {len(spec.shape)}")

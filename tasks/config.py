@@ -78,6 +78,12 @@ class LeanfedConfig:
     aggregation_clip_norm: float = 0.0  # "clipped-*" L2 bound per update; 0 = round median
     aggregation_krum_select: int = 0  # updates multi-Krum averages; 0 = n - f
     aggregation_vote: str = "weighted"  # consensus-mask vote: "weighted" | "robust"
+    # reply bounds (strategies.aggregation.validate): "num-examples" cap, |value| cap,
+    # update norm <= factor x running median (0 = off), absolute norm cap (0 = none)
+    aggregation_max_num_examples: int = 1_000_000
+    aggregation_max_abs_value: float = 1e6
+    aggregation_norm_bound_factor: float = 10.0
+    aggregation_max_update_norm: float = 0.0
     # continual learning
     cl_scenario: str = "none"  # "none" = the plain (non-continual) client path
     cl_rounds_per_task: int = 2  # server rounds per experience (scenario boundaries)
@@ -176,6 +182,14 @@ class LeanfedConfig:
             "must be >= 0",
         )
         self._validate_robust(need)
+        need(self.aggregation_max_num_examples >= 1, "aggregation.max-num-examples", "must be >= 1")
+        need(self.aggregation_max_abs_value > 0, "aggregation.max-abs-value", "must be > 0")
+        need(
+            self.aggregation_norm_bound_factor == 0 or self.aggregation_norm_bound_factor >= 1,
+            "aggregation.norm-bound-factor",
+            "must be 0 (off) or >= 1",
+        )
+        need(self.aggregation_max_update_norm >= 0, "aggregation.max-update-norm", "must be >= 0")
         need(self.cl_scenario in CL_SCENARIOS, "cl.scenario", f"must be one of {CL_SCENARIOS}")
         need(self.cl_rounds_per_task >= 1, "cl.rounds-per-task", "must be >= 1")
         need(

@@ -42,16 +42,15 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from strategies import codec
-from strategies.aggregation.counting import eval_rows
+from strategies.aggregation.guard import ReplyGuard
 from strategies.aggregation.merge import (
-    ClientUpdate,
     MergeOptions,
     MergeRule,
     consensus_mask,
     get_merge_rule,
 )
 from strategies.aggregation.robust import robust_consensus_mask
-from strategies.aggregation.validate import ModelSpec, validate_replies
+from strategies.aggregation.validate import ModelSpec, ReplyLimits, validate_replies
 from strategies.aggregation.wire import ReplyError, decode_reply, encode_global, reply_payload
 from strategies.sparse.density import layer_density_rule
 from strategies.sparse.masks import Mask, default_sparsifiable, random_mask
@@ -63,15 +62,16 @@ __all__ = ["VOTES", "SparseFedAvg", "decode_reply", "encode_global"]
 VOTES = ("weighted", "robust")
 
 
-class SparseFedAvg(FedAvg):
+class SparseFedAvg(ReplyGuard, FedAvg):
     """FedAvg over sparse, codec-encoded models with a FedDST consensus mask (Bibikar et al. 2022).
 
     Round r: send the global values under the consensus mask (the mask itself only to
-    nodes that do not hold it yet); validate and decode the replies, dropping bad ones
-    into ``self.rejections``; merge with `merge_rule` (its knobs in `merge_options`); every
-    `mask_update_interval` rounds (until `mask_update_end_round`) re-vote the mask (`vote`:
-    see VOTES); the new global model is the merged values with everything off the consensus
-    mask zeroed.
+    nodes that do not hold it yet); validate and decode the replies (`validate`, under
+    `limits`), dropping bad ones into ``self.rejections`` with their reasons; merge with
+    `merge_rule` (its knobs in `merge_options`; a merged model that is not finite is
+    refused: the round is rejected); every `mask_update_interval` rounds (until
+    `mask_update_end_round`) re-vote the mask (`vote`: see VOTES); the new global model is
+    the merged values with everything off the consensus mask zeroed.
     """
 
     def __init__(  # noqa: PLR0913 - the knobs are the run config
@@ -99,6 +99,7 @@ class SparseFedAvg(FedAvg):
         min_available_nodes: int = 2,
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        limits: ReplyLimits | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -139,14 +140,9 @@ class SparseFedAvg(FedAvg):
         self.mask: Mask | None = None if initial_mask is None else dict(initial_mask)
         self.target_densities: dict[str, float] = {}
         self.mask_version = 0
-        self.rejections: list[dict[str, int | str]] = []
+        self._init_guard(limits)  # rejections, round_clients, round_eval_clients, ...
         self.bytes_log: dict[int, dict[str, int]] = {}
-        # Per round, one row per sampled train node: node_id, metrics, upload_bytes,
-        # download_bytes, accepted, reason (the run store's client_results rows).
-        self.round_clients: dict[int, list[dict[str, object]]] = {}
         self.last_train_metrics: MetricRecord | None = None
-        # per round, one row per evaluate reply: {"node_id", "metrics"} (per-client CL rows)
-        self.round_eval_clients: dict[int, list[dict[str, object]]] = {}
         self._sent_bytes: dict[int, int] = {}
         self._node_version: dict[int, int] = {}  # mask version each node is known to hold
         self._sent: dict[str, dict[int, int]] = {"train": {}, "evaluate": {}}
@@ -294,6 +290,22 @@ class SparseFedAvg(FedAvg):
             self.min_evaluate_nodes,
         )
 
+    def _spec(self, previous: dict[str, torch.Tensor], mask: Mask) -> ModelSpec:
+        """Acceptable replies: the model's tensors; each layer at most its consensus density
+        (or `max_density` if set higher), overall at most `max_density` (default: target)."""
+        layers = {k: int(m.sum()) / max(1, m.numel()) for k, m in mask.items()}
+        actual = sum(int(m.sum()) for m in mask.values()) / max(
+            1, sum(m.numel() for m in mask.values())
+        )
+        bound = self.max_density if self.max_density is not None else max(self.density, actual)
+        layer_bounds = {
+            k: max(d, self.target_densities.get(k, d), self.max_density or 0.0)
+            for k, d in layers.items()
+        }
+        return ModelSpec.from_state(
+            previous, mask, bound, self.max_density_tolerance, layer_bounds, self.limits.max_abs
+        )
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -304,42 +316,31 @@ class SparseFedAvg(FedAvg):
         sent = dict(self._sent["train"])
         self._settle("train", replies)
         previous, mask = self._global, self.mask
+        spec = self._spec(previous, mask)
+        wire_spec = spec.wire()
+        limit = codec.max_payload_bytes(wire_spec)
         uploads: dict[int, int] = {}
-        for msg in replies:
+        for msg in replies:  # bytes received, every reply of a node counted
             with contextlib.suppress(ReplyError, codec.CodecError):
                 node = int(msg.metadata.src_node_id)
-                uploads[node] = uploads.get(node, 0) + len(reply_payload(msg))
+                uploads[node] = uploads.get(node, 0) + len(reply_payload(msg, limit))
         self._log_bytes(server_round, "upload", sum(uploads.values()))
-
-        def decode(msg: Message) -> ClientUpdate:
-            node = int(msg.metadata.src_node_id)
-            if node not in sent:
-                raise ReplyError(f"reply from node {node}, which was not sent a train message")
-            return decode_reply(msg, mask)
-
-        bound = self.max_density
-        if bound is None:
-            actual = sum(int(m.sum()) for m in mask.values()) / max(
-                1, sum(m.numel() for m in mask.values())
-            )
-            bound = max(self.density, actual)
-        spec = ModelSpec.from_state(previous, mask, bound, self.max_density_tolerance)
-        accepted, rejected = validate_replies(replies, spec, decode)
-        for node, reason in rejected:
-            self.rejections.append({"round": server_round, "node_id": node, "reason": reason})
-            log(INFO, "aggregate_train: rejected node %d: %s", node, reason)
-        self.round_clients[server_round] = self._client_rows(
-            replies, sent, uploads, rejected, {u.node_id for u in accepted}
+        accepted, verdicts = validate_replies(
+            replies,
+            sent,
+            lambda m: decode_reply(m, mask, wire_spec),
+            spec,
+            previous,
+            self.limits,
+            self.norm_bound,
         )
+        self._record_train(server_round, verdicts, self._sent_bytes, uploads)
+        self._sent_bytes = {}
 
         row = self.bytes_log[server_round]
-        metrics = MetricRecord()
-        if accepted:
-            by_node = {int(m.metadata.src_node_id): m for m in replies if not m.has_error()}
-            contents = [by_node[u.node_id].content for u in accepted]
-            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-            if "density" in metrics:
-                metrics["client_density"] = metrics.pop("density")
+        metrics = self._metrics(self.train_metrics_aggr_fn, verdicts)
+        if "density" in metrics:
+            metrics["client_density"] = metrics.pop("density")
         mask_changed = 0
         arrays: ArrayRecord | None = None
         if accepted:
@@ -349,74 +350,41 @@ class SparseFedAvg(FedAvg):
                 raise ValueError(
                     f"merge rule {self.merge_rule_name} returned bad keys/shapes: {bad}"
                 )
-            if self._mask_round(server_round):
-                if self.vote == "robust":
-                    new_mask = robust_consensus_mask(accepted, self.target_densities, mask)
-                else:
-                    new_mask = consensus_mask(accepted, self.target_densities, merged)
-                if any(not torch.equal(new_mask[k], mask[k]) for k in mask):
-                    self.mask = new_mask
-                    self.mask_version += 1
-                    mask_changed = 1
-            assert self.mask is not None
-            new_state = {
-                k: torch.where(self.mask[k], v, torch.zeros_like(v)) if k in self.mask else v
-                for k, v in merged.items()
-            }
-            arrays = ArrayRecord({k: new_state[k] for k in previous})
+            problem = self._merged_problem(merged)
+            if problem is not None:
+                self._reject_round(server_round, problem, metrics)
+            else:
+                if self._mask_round(server_round):
+                    if self.vote == "robust":
+                        new_mask = robust_consensus_mask(accepted, self.target_densities, mask)
+                    else:
+                        new_mask = consensus_mask(accepted, self.target_densities, merged)
+                    if any(not torch.equal(new_mask[k], mask[k]) for k in mask):
+                        self.mask = new_mask
+                        self.mask_version += 1
+                        mask_changed = 1
+                assert self.mask is not None
+                new_state = {
+                    k: torch.where(self.mask[k], v, torch.zeros_like(v)) if k in self.mask else v
+                    for k, v in merged.items()
+                }
+                arrays = ArrayRecord({k: new_state[k] for k in previous})
         active = sum(int(m.sum()) for m in self.mask.values())
         total = sum(m.numel() for m in self.mask.values())
         metrics["upload_bytes"] = row["upload"]
         metrics["download_bytes"] = row["download"]
-        metrics["num_rejected"] = len(rejected)
+        metrics["num_rejected"] = sum(1 for v in verdicts if not v.accepted)
         metrics["num_accepted"] = len(accepted)
         metrics["density"] = active / total if total else 1.0
         metrics["mask_changed"] = mask_changed
         self.last_train_metrics = metrics  # read by the server's per-round recorder
         return arrays, metrics
 
-    def _client_rows(
-        self,
-        replies: list[Message],
-        sent: dict[int, int],
-        uploads: dict[int, int],
-        rejected: list[tuple[int, str]],
-        accepted: set[int],
-    ) -> list[dict[str, object]]:
-        reasons = dict(rejected)
-        rows: list[dict[str, object]] = []
-        replied: set[int] = set()
-        for msg in replies:
-            node = int(msg.metadata.src_node_id)
-            metrics: dict[str, object] = {}
-            if not msg.has_error() and "metrics" in msg.content.metric_records:
-                metrics = dict(msg.content.metric_records["metrics"])
-            ok = node in accepted and node not in replied  # a duplicate reply is rejected
-            rows.append(
-                {
-                    "node_id": node,
-                    "metrics": metrics,
-                    "upload_bytes": uploads.get(node, 0),
-                    "download_bytes": self._sent_bytes.get(node, 0) if node not in replied else 0,
-                    "accepted": ok,
-                    "reason": None if ok else reasons.get(node, "rejected"),
-                }
-            )
-            replied.add(node)
-        for node in sent:
-            if node not in replied:
-                row = {"node_id": node, "metrics": {}, "upload_bytes": 0, "accepted": False}
-                rows.append(
-                    row | {"download_bytes": self._sent_bytes.get(node, 0), "reason": "no reply"}
-                )
-        self._sent_bytes = {}
-        return rows
-
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Track which nodes now hold the mask, then FedAvg's weighted metric average."""
+        """Track which nodes now hold the mask; validate; weighted average of checked metrics."""
         replies = list(replies)
+        sent = dict(self._sent["evaluate"])
         self._settle("evaluate", replies)
-        self.round_eval_clients[server_round] = eval_rows(replies)
-        return super().aggregate_evaluate(server_round, replies)
+        return self._check_evaluate(server_round, replies, sent, self.evaluate_metrics_aggr_fn)

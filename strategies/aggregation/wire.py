@@ -11,18 +11,34 @@ Client -> server (train), a RecordDict with:
              value_dtype=<upload dtype>, send_mask=<client changed its mask>)``; with
              ``send_mask=False`` the client's mask is the one it received this round.
   "metrics": MetricRecord with "num-examples" (int > 0), "train_loss", "density",
-             "upload_bytes", "drift" (0/1), "regrew" (0/1); extra numeric keys are kept.
+             "upload_bytes", "drift" (0/1), "regrew" (0/1), ...: every key is checked by
+             `strategies.aggregation.metric_rules` (unknown keys are dropped).
+A reply holds exactly these records (`check_records`); anything else is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 from flwr.app import ArrayRecord, Message
 
 from strategies import codec
-from strategies.aggregation.merge import ClientUpdate
+from strategies.aggregation.metric_rules import WEIGHT_KEY
 from strategies.sparse.masks import Mask
 
-WEIGHT_KEY = "num-examples"
+__all__ = [
+    "WEIGHT_KEY",
+    "Decoded",
+    "ReplyError",
+    "check_records",
+    "decode_dense",
+    "decode_reply",
+    "encode_global",
+    "error_text",
+]
+
+MAX_REASON_CHARS = 120  # a client's own error text is cut to this before it is logged/stored
 
 
 class ReplyError(ValueError):
@@ -38,38 +54,86 @@ def encode_global(
     )
 
 
-def reply_payload(msg: Message) -> bytes:
+def error_text(msg: Message) -> str:
+    """One printable line for an error reply: its code and (cut) reason."""
+    reason = "".join(c if c.isprintable() else "?" for c in str(msg.error.reason))
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS] + "..."
+    return f"error reply (code {msg.error.code}): {reason}"
+
+
+def check_records(msg: Message, arrays: bool) -> None:
+    """The reply holds exactly the records of its kind: "metrics" (and "arrays" for train)."""
+    # Record names come from the client: reasons count them, never echo them.
+    content = msg.content
+    want_arrays = ["arrays"] if arrays else []
+    if sorted(content.array_records) != want_arrays:
+        raise ReplyError(
+            f"reply must hold ArrayRecords {want_arrays} only, "
+            f"has {len(content.array_records)} ArrayRecord(s)"
+        )
+    if sorted(content.metric_records) != ["metrics"]:
+        raise ReplyError(
+            "reply must hold MetricRecord ['metrics'] only, "
+            f"has {len(content.metric_records)} MetricRecord(s)"
+        )
+    if len(content.config_records):
+        raise ReplyError(f"reply must hold no ConfigRecord, has {len(content.config_records)}")
+
+
+def reply_payload(msg: Message, max_bytes: int | None = None) -> bytes:
     """The codec payload in a reply's "arrays" record (raises ReplyError/CodecError)."""
     if msg.has_error():
-        raise ReplyError(f"error reply (code {msg.error.code}): {msg.error.reason}")
+        raise ReplyError(error_text(msg))
     content = msg.content
     if "arrays" not in content.array_records:
-        raise ReplyError(f"reply has no 'arrays' ArrayRecord (has {sorted(content.array_records)})")
-    return codec.from_arrayrecord(content.array_records["arrays"])
+        raise ReplyError("reply has no 'arrays' ArrayRecord")
+    return codec.from_arrayrecord(content.array_records["arrays"], max_bytes)
 
 
-def decode_reply(msg: Message, previous_mask: Mask | None = None) -> ClientUpdate:
-    """Decode a train reply into a ClientUpdate.
+Decoded = tuple[dict[str, torch.Tensor], Mask]  # (full-shape values, mask; {} when dense)
+
+
+def decode_reply(
+    msg: Message,
+    previous_mask: Mask | None = None,
+    expected: Mapping[str, codec.TensorSpec] | None = None,
+) -> Decoded:
+    """Decode a train reply's payload: (values, mask). Metrics: see `metric_rules`.
 
     `previous_mask` is the mask this node was sent this round; it is used when the client
-    replied with ``send_mask=False``. Raises CodecError for a bad payload and ReplyError
-    for missing or malformed metrics.
+    replied with ``send_mask=False``. `expected` is the model's wire spec: the payload may
+    hold exactly those tensors. Raises CodecError for a bad payload.
     """
-    payload = reply_payload(msg)
-    values, mask = codec.decode_with(payload, previous_mask)
-    if "metrics" not in msg.content.metric_records:
-        raise ReplyError(
-            f"reply has no 'metrics' MetricRecord (has {sorted(msg.content.metric_records)})"
-        )
-    metrics = dict(msg.content.metric_records["metrics"])
-    n = metrics.get(WEIGHT_KEY)
-    if isinstance(n, bool) or not isinstance(n, int | float) or int(n) != n or n <= 0:
-        raise ReplyError(f"metric {WEIGHT_KEY!r} must be a positive integer, got {n!r}")
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    return ClientUpdate(
-        node_id=int(msg.metadata.src_node_id),
-        values=values,
-        mask=mask,
-        num_examples=int(n),
-        metrics=scalars,
-    )
+    limit = None if expected is None else codec.max_payload_bytes(expected)
+    return codec.decode_with(reply_payload(msg, limit), previous_mask, expected)
+
+
+def decode_dense(msg: Message, expected: Mapping[str, codec.TensorSpec]) -> Decoded:
+    """Decode a dense baseline reply (Flower's plain ArrayRecord of the full model).
+
+    Each Array's declared dtype, shape and byte count are checked against the model
+    before it is deserialized.
+    """
+    rec = msg.content.array_records["arrays"]
+    if sorted(rec) != sorted(expected):
+        missing, extra = sorted(set(expected) - set(rec)), set(rec) - set(expected)
+        raise ReplyError(f"key set differs: missing {missing}, {len(extra)} unexpected")
+    values: dict[str, torch.Tensor] = {}
+    for key, spec in expected.items():
+        arr = rec[key]
+        want = str(torch.empty(0, dtype=spec.dtype).numpy().dtype)
+        if arr.dtype != want or tuple(arr.shape) != spec.shape:
+            raise ReplyError(
+                f"{key!r}: dtype or shape differs from the model's {want} {spec.shape}"
+            )
+        if len(arr.data) > spec.numel * spec.dtype.itemsize + 1024:  # + the .npy header
+            raise ReplyError(f"{key!r}: {len(arr.data)} bytes for {spec.numel} entries")
+        try:
+            t = torch.from_numpy(arr.numpy().copy())
+        except Exception as exc:  # a forged Array can fail to deserialize in many ways
+            raise ReplyError(f"{key!r}: could not be read ({type(exc).__name__})") from exc
+        if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+            raise ReplyError(f"{key!r}: data holds {t.dtype} {tuple(t.shape)}")
+        values[key] = t
+    return values, {}

@@ -192,7 +192,7 @@ def test_bad_replies_are_dropped_and_recorded() -> None:
     assert arrays is not None and metrics is not None
     assert metrics["num_rejected"] == 1 and metrics["num_accepted"] == 2
     assert strat.rejections == [
-        {"round": 4, "node_id": 3, "reason": "'fc2.bias': contains NaN or Inf"}
+        {"round": 4, "node_id": 3, "phase": "train", "reason": "'fc2.bias': contains NaN or Inf"}
     ]
     assert all(bool(torch.isfinite(a).all()) for a in arrays.to_torch_state_dict().values())
     rows = {int(str(r["node_id"])): r for r in strat.round_clients[4]}

@@ -1,0 +1,140 @@
+"""The metric records a reply may carry: each known key's type and bounds, and the check.
+
+Rule (train and evaluate replies alike): the reply holds exactly one MetricRecord,
+"metrics"; "num-examples" is required, a positive int, at most the configured cap and, where
+the server knows the node's partition size, at most that; every other KNOWN key is
+optional but, if present, must be a finite scalar of its type within its bounds (a bad
+value rejects the whole reply: it came from a broken or hostile client); UNKNOWN keys are
+dropped (never aggregated or stored), so a client with extra metrics is not punished and a
+hostile one cannot push keys into the store or break Flower's key-consistency check.
+Register a key of your own ClientApp with `register_metric`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+WEIGHT_KEY = "num-examples"
+MAX_METRIC_KEYS = 256  # a reply with more keys than this is refused outright
+_BIG = float(2**53)  # integer counters: exact in float64, the aggregation arithmetic
+
+
+@dataclass(frozen=True)
+class MetricRule:
+    """One metric: int or float, and its inclusive bounds."""
+
+    kind: type  # int (bool refused) or float (int accepted)
+    lo: float
+    hi: float
+
+    def problem(self, value: object) -> str | None:
+        """Why `value` breaks this rule, or None."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a scalar {self.kind.__name__}, got {type(value).__name__}"
+        if self.kind is int and not isinstance(value, int):
+            return f"must be an int, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be finite, got {value!r}"
+        if not self.lo <= value <= self.hi:
+            return f"must be in [{self.lo:g}, {self.hi:g}], got {value!r}"
+        return None
+
+
+_FLAG = MetricRule(int, 0, 1)
+_COUNT = MetricRule(int, 0, _BIG)
+_LOSS = MetricRule(float, 0.0, 1e9)
+_FRACTION = MetricRule(float, 0.0, 1.0)
+
+TRAIN_METRICS: dict[str, MetricRule] = {
+    WEIGHT_KEY: MetricRule(int, 1, _BIG),
+    "train_loss": _LOSS,
+    "density": _FRACTION,
+    "upload_bytes": _COUNT,
+    "regrew": _FLAG,
+    "dropped": _COUNT,
+    "grown": _COUNT,
+    "drift": _FLAG,
+    # continual clients (client.continual.continual_round)
+    "task_switch": _FLAG,
+    "task_id": MetricRule(int, 0, 1e6),
+    "experience": MetricRule(int, 0, 1e6),
+    "replay_size": _COUNT,
+    "frozen": _COUNT,
+    "train_flops": _COUNT,
+}
+EVALUATE_METRICS: dict[str, MetricRule] = {
+    WEIGHT_KEY: MetricRule(int, 1, _BIG),
+    "eval_loss": _LOSS,
+    "eval_acc": _FRACTION,
+}
+# Keys matching these patterns follow the rule too (continual: accuracy per task j).
+EVALUATE_PATTERNS: list[tuple[re.Pattern[str], MetricRule]] = [
+    (re.compile(r"task_acc\.\d{1,4}"), _FRACTION),
+]
+_RULES = {"train": TRAIN_METRICS, "evaluate": EVALUATE_METRICS}
+_PATTERNS: dict[str, list[tuple[re.Pattern[str], MetricRule]]] = {
+    "train": [],
+    "evaluate": EVALUATE_PATTERNS,
+}
+
+
+def register_metric(phase: str, key: str, rule: MetricRule) -> None:
+    """Accept (and check) metric `key` in `phase` ("train" or "evaluate") replies."""
+    if phase not in _RULES:
+        raise ValueError(f"phase must be 'train' or 'evaluate', got {phase!r}")
+    if key == WEIGHT_KEY:
+        raise ValueError(f"{WEIGHT_KEY!r} has a fixed rule")
+    _RULES[phase][key] = rule
+
+
+def _rule(phase: str, key: str) -> MetricRule | None:
+    rule = _RULES[phase].get(key)
+    if rule is None:
+        for pattern, r in _PATTERNS[phase]:
+            if pattern.fullmatch(key):
+                return r
+    return rule
+
+
+def check_metrics(
+    phase: str,
+    metrics: Mapping[str, object],
+    max_examples: int,
+) -> tuple[dict[str, int | float], str | None]:
+    """(the known metrics, or {} ; the reason the record is refused, or None).
+
+    `max_examples`: the cap on "num-examples" (the configured cap, or the node's
+    partition size where the server knows it, whichever is smaller).
+    """
+    if len(metrics) > MAX_METRIC_KEYS:
+        return {}, f"metric record has {len(metrics)} keys (at most {MAX_METRIC_KEYS})"
+    if WEIGHT_KEY not in metrics:
+        return {}, f"metric {WEIGHT_KEY!r} is missing"
+    kept: dict[str, int | float] = {}
+    for key, value in metrics.items():
+        rule = _rule(phase, key)
+        if rule is None:
+            continue  # unknown key: dropped
+        problem = rule.problem(value)
+        if problem is not None:
+            return {}, f"metric {key!r} {problem}"
+        kept[key] = value  # type: ignore[assignment]
+    n = kept[WEIGHT_KEY]
+    if n > max_examples:
+        return {}, f"metric {WEIGHT_KEY!r} = {n} exceeds the cap {max_examples}"
+    return kept, None
+
+
+def common_keys(records: list[dict[str, int | float]]) -> list[dict[str, int | float]]:
+    """The records cut to the keys all of them hold (what an average over them can use).
+
+    Flower's metric aggregation sums each key over the records that have it: a key only
+    some clients report would be averaged with the wrong total weight.
+    """
+    if not records:
+        return []
+    keys = set(records[0]).intersection(*records[1:])
+    return [{k: v for k, v in r.items() if k in keys} for r in records]
