@@ -56,7 +56,10 @@ def _receive(msg: Message, context: Context, model: torch.nn.Module) -> Mask | N
     if codec.PAYLOAD_KEY not in arrays:  # Flower's dense FedAvg baseline
         model.load_state_dict(arrays.to_torch_state_dict())
         return None
-    values, mask = codec.decode_with(codec.from_arrayrecord(arrays), _load_mask(context))
+    # The server's payload must hold exactly this model's tensors (checked before allocating).
+    expected = codec.expected_spec(model.state_dict(), None)
+    payload = codec.from_arrayrecord(arrays, codec.max_payload_bytes(expected))
+    values, mask = codec.decode_with(payload, _load_mask(context), expected)
     _save_mask(context, mask)
     model.load_state_dict(values)
     return mask

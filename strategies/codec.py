@@ -94,7 +94,7 @@ PAYLOAD_KEY = "leanfed.payload"
 VALUE_DTYPES = ("fp32", "fp16", "int8")
 # Without an expected spec, a decoder refuses payloads declaring more entries than this in
 # total (a forged shape must not OOM us). With one, shapes must match the spec exactly.
-MAX_NUMEL = 1 << 28
+MAX_NUMEL = 1 << 26
 
 _HEADER = struct.Struct("<4sBBIII")  # magic, version, flags, count, body_len, crc32
 _FLAG_MASK_SENT = 1
@@ -122,7 +122,8 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    masked: bool  # True: a sparsified key, must carry a mask; False: must be sent dense
+    # True: a sparsified key, must carry a mask; False: must be sent dense; None: either
+    masked: bool | None
 
     @property
     def numel(self) -> int:
@@ -133,11 +134,13 @@ class TensorSpec:
 
 
 def expected_spec(
-    state: Mapping[str, torch.Tensor], mask: Mapping[str, object]
+    state: Mapping[str, torch.Tensor], mask: Mapping[str, object] | None
 ) -> dict[str, TensorSpec]:
-    """The spec of payloads carrying `state`'s tensors, masked exactly on `mask`'s keys."""
+    """The spec of payloads carrying `state`'s tensors, masked exactly on `mask`'s keys
+    (`mask` None: any tensor may come masked or dense, e.g. a client before its first mask)."""
     return {
-        k: TensorSpec(tuple(int(s) for s in v.shape), v.dtype, k in mask) for k, v in state.items()
+        k: TensorSpec(tuple(int(s) for s in v.shape), v.dtype, None if mask is None else k in mask)
+        for k, v in state.items()
     }
 
 
@@ -151,7 +154,7 @@ def max_payload_bytes(spec: Mapping[str, TensorSpec]) -> int:
     for name, t in spec.items():
         item = t.dtype.itemsize if t.dtype != torch.float32 else 4
         total += 10 + len(name.encode("utf-8")) + 1 + 10 * len(t.shape) + 2
-        total += (t.numel + 20 if t.masked else 0) + 4 + item * t.numel
+        total += (0 if t.masked is False else t.numel + 20) + 4 + item * t.numel
     return total
 
 
@@ -218,16 +221,16 @@ def _read_values(
             if not np.isfinite(scale) or scale < 0:
                 raise CodecError(f"tensor {name!r}: invalid int8 scale {scale}")
         wire = _LOSSY_WIRE[code]
-        src = np.frombuffer(r.take(wire.itemsize * count, what), dtype=wire)
-        out = np.zeros(numel, dtype=np.float32)
+        native = np.dtype(np.float32)
     else:
         dtype = _RAW_DTYPES.get(code)
         if dtype is None:
             raise CodecError(f"tensor {name!r}: unknown value dtype code {code}")
         wire = _np_dtype(dtype)
-        src = np.frombuffer(r.take(wire.itemsize * count, what), dtype=wire)
-        out = np.zeros(numel, dtype=wire.newbyteorder("="))
+        native = wire.newbyteorder("=")
         scale = None
+    src = np.frombuffer(r.take(wire.itemsize * count, what), dtype=wire)  # checked, no copy
+    out = np.zeros(numel, dtype=native)
     if mask is None:
         out[:] = src
     else:
@@ -332,20 +335,25 @@ def _check_record(
             raise CodecError(f"tensor {name!r}: value code {vcode}, expected an fp32 encoding")
     elif vcode != _RAW_CODES.get(spec.dtype):
         raise CodecError(f"tensor {name!r}: value code {vcode}, expected raw {spec.dtype}")
-    if spec.masked and mcode == MASK_NONE:
+    if spec.masked is True and mcode == MASK_NONE:
         raise CodecError(f"tensor {name!r} is sparsified but was sent without a mask")
-    if not spec.masked and mcode != MASK_NONE:
+    if spec.masked is False and mcode != MASK_NONE:
         raise CodecError(f"tensor {name!r} is dense but was sent with mask code {mcode}")
 
 
-def _read_shape(r: Reader, name: str, ndim: int, budget: int) -> tuple[tuple[int, ...], int]:
-    """(shape, numel); refuses a product above `budget` as soon as it is exceeded."""
+def _read_shape(
+    r: Reader, name: str, ndim: int, budget: int, want: tuple[int, ...] | None
+) -> tuple[tuple[int, ...], int]:
+    """(shape, numel); refuses a dim other than `want`'s, or a product above `budget`, as
+    soon as it is read."""
     shape: list[int] = []
-    numel = 1
-    for _ in range(ndim):
+    numel = 1  # product of the dims, zeros counted as 1 (no stride may overflow either)
+    for i in range(ndim):
         s = r.varint(f"shape of {name!r}")
+        if want is not None and s != want[i]:
+            raise CodecError(f"tensor {name!r}: dim {i} is {s}, expected shape {want}")
         shape.append(s)
-        numel *= s
+        numel *= max(s, 1)
         if numel > budget:
             raise CodecError(f"tensor {name!r}: shape exceeds {budget} entries")
     return tuple(shape), (0 if 0 in shape else numel)
@@ -375,7 +383,10 @@ def _decode(
         ndim = r.u8(f"ndim of {name!r}")
         if spec is not None and ndim != len(spec.shape):
             raise CodecError(f"tensor {name!r}: {ndim} dims, expected {len(spec.shape)}")
-        shape, numel = _read_shape(r, name, ndim, budget if spec is None else spec.numel)
+        if spec is None:
+            shape, numel = _read_shape(r, name, ndim, budget, None)
+        else:
+            shape, numel = _read_shape(r, name, ndim, spec.numel, spec.shape)
         vcode = r.u8(f"value dtype of {name!r}")
         mcode = r.u8(f"mask encoding of {name!r}")
         if spec is not None:

@@ -293,6 +293,8 @@ def read_mask(
     if code == MASK_NONE:
         return None
     if code == MASK_ALL:
+        if r.left < numel:  # every entry's value takes at least one byte: check first
+            raise CodecError(f"truncated payload: {numel} values of {name!r} cannot fit")
         return np.ones(numel, dtype=bool)
     if code == MASK_SAME:
         if previous is None:

@@ -216,7 +216,7 @@ def _judge(
         seen.add(node)
         return node, error_text(msg), {}
     if node not in sent:
-        return node, f"reply from node {node}, which was not sent a {phase} message", {}
+        return node, f"reply from node {node}, which was not sent a message ({phase})", {}
     if node in seen:
         return node, "duplicate reply: this node already replied this round", {}
     seen.add(node)

@@ -56,7 +56,7 @@ def encode_global(
 
 def error_text(msg: Message) -> str:
     """One printable line for an error reply: its code and (cut) reason."""
-    reason = "".join(c if c.isprintable() else "?" for c in str(msg.error.reason))
+    reason = "".join(c if c.isascii() and c.isprintable() else "?" for c in str(msg.error.reason))
     if len(reason) > MAX_REASON_CHARS:
         reason = reason[:MAX_REASON_CHARS] + "..."
     return f"error reply (code {msg.error.code}): {reason}"
