@@ -19,7 +19,7 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from strategies.aggregation.metric_rules import common_keys
+from strategies.aggregation.metric_rules import check_metrics, common_keys
 from strategies.aggregation.validate import (
     NormBound,
     ReplyLimits,
@@ -92,6 +92,54 @@ class ReplyGuard:
                     }
                 )
         self.round_clients[server_round] = rows
+        return rows
+
+    def _client_rows(
+        self,
+        replies: Sequence[Message],
+        sent: Mapping[int, int],
+        uploads: Mapping[int, int],
+        rejected: Sequence[tuple[int, str]],
+        accepted: set[int],
+    ) -> list[Row]:
+        """Client rows for a strategy that judges replies itself (SecAgg): a node's first
+        reply is accepted iff in `accepted`; metrics kept only if they pass `metric_rules`.
+        Download bytes come from ``self._sent_bytes`` (node -> bytes), then reset."""
+        sent_bytes: dict[int, int] = getattr(self, "_sent_bytes", {})
+        reasons = dict(rejected)
+        rows: list[Row] = []
+        replied: set[int] = set()
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            metrics: dict[str, int | float] = {}
+            if not msg.has_error() and "metrics" in msg.content.metric_records:
+                raw = dict(msg.content.metric_records["metrics"])
+                metrics = check_metrics("train", raw, self.limits.examples_cap(node))[0]
+            ok = node in accepted and node not in replied
+            rows.append(
+                {
+                    "node_id": node,
+                    "metrics": metrics,
+                    "upload_bytes": uploads.get(node, 0),
+                    "download_bytes": sent_bytes.get(node, 0) if node not in replied else 0,
+                    "accepted": ok,
+                    "reason": None if ok else reasons.get(node, "rejected"),
+                }
+            )
+            replied.add(node)
+        for node in sent:
+            if node not in replied:
+                rows.append(
+                    {
+                        "node_id": node,
+                        "metrics": {},
+                        "upload_bytes": 0,
+                        "download_bytes": sent_bytes.get(node, 0),
+                        "accepted": False,
+                        "reason": "no reply",
+                    }
+                )
+        self._sent_bytes: dict[int, int] = {}
         return rows
 
     def _reject(self, server_round: int, phase: str, v: Verdict) -> None:

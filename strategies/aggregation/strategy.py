@@ -51,7 +51,13 @@ from strategies.aggregation.merge import (
 )
 from strategies.aggregation.robust import robust_consensus_mask
 from strategies.aggregation.validate import ModelSpec, ReplyLimits, validate_replies
-from strategies.aggregation.wire import ReplyError, decode_reply, encode_global, reply_payload
+from strategies.aggregation.wire import (
+    ReplyError,
+    decode_payload,
+    decode_reply,
+    encode_global,
+    reply_payload,
+)
 from strategies.sparse.density import layer_density_rule
 from strategies.sparse.masks import Mask, default_sparsifiable, random_mask
 
@@ -328,7 +334,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         accepted, verdicts = validate_replies(
             replies,
             sent,
-            lambda m: decode_reply(m, mask, wire_spec),
+            lambda m: decode_payload(m, mask, wire_spec),
             spec,
             previous,
             self.limits,

@@ -24,7 +24,8 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from strategies import codec
-from strategies.aggregation.metric_rules import WEIGHT_KEY
+from strategies.aggregation.merge import ClientUpdate
+from strategies.aggregation.metric_rules import WEIGHT_KEY, check_metrics
 from strategies.sparse.masks import Mask
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ReplyError",
     "check_records",
     "decode_dense",
+    "decode_payload",
     "decode_reply",
     "encode_global",
     "error_text",
@@ -94,7 +96,7 @@ def reply_payload(msg: Message, max_bytes: int | None = None) -> bytes:
 Decoded = tuple[dict[str, torch.Tensor], Mask]  # (full-shape values, mask; {} when dense)
 
 
-def decode_reply(
+def decode_payload(
     msg: Message,
     previous_mask: Mask | None = None,
     expected: Mapping[str, codec.TensorSpec] | None = None,
@@ -107,6 +109,29 @@ def decode_reply(
     """
     limit = None if expected is None else codec.max_payload_bytes(expected)
     return codec.decode_with(reply_payload(msg, limit), previous_mask, expected)
+
+
+def decode_reply(
+    msg: Message,
+    previous_mask: Mask | None = None,
+    expected: Mapping[str, codec.TensorSpec] | None = None,
+    max_num_examples: int = 2**53,
+) -> ClientUpdate:
+    """Decode a train reply into a ClientUpdate (payload, and metrics by `metric_rules`).
+
+    Raises CodecError for a bad payload and ReplyError for missing or malformed metrics.
+    """
+    values, mask = decode_payload(msg, previous_mask, expected)
+    if "metrics" not in msg.content.metric_records:
+        raise ReplyError("reply has no 'metrics' MetricRecord")
+    metrics, problem = check_metrics(
+        "train", dict(msg.content.metric_records["metrics"]), max_num_examples
+    )
+    if problem is not None:
+        raise ReplyError(problem)
+    return ClientUpdate(
+        int(msg.metadata.src_node_id), values, mask, int(metrics[WEIGHT_KEY]), metrics
+    )
 
 
 def decode_dense(msg: Message, expected: Mapping[str, codec.TensorSpec]) -> Decoded:

@@ -18,7 +18,7 @@ from strategies.aggregation.validate import (
     check_update,
     validate_replies,
 )
-from strategies.aggregation.wire import decode_reply
+from strategies.aggregation.wire import decode_payload
 
 STATE = {"w": torch.zeros(2, 4), "b": torch.zeros(4)}
 MASK = {"w": torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)}  # density 0.25
@@ -57,7 +57,7 @@ def _payload(values: dict, mask: dict | None = MASK, **kw: object) -> ArrayRecor
 def _check(replies: list[Message], limits: ReplyLimits = LIMITS, mask: dict | None = MASK):
     sent = {int(m.metadata.src_node_id) for m in replies} - {99}
     return validate_replies(
-        replies, sent, lambda m: decode_reply(m, mask, WIRE), SPEC, STATE, limits, NormBound()
+        replies, sent, lambda m: decode_payload(m, mask, WIRE), SPEC, STATE, limits, NormBound()
     )
 
 
