@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -235,7 +236,38 @@ def report(
     Console(highlight=False).print(f"wrote {path}")
 
 
+class ExportFormat(StrEnum):
+    """Formats of `leanfed export`."""
+
+    torchscript = "torchscript"
+    onnx = "onnx"
+
+
+def export(
+    run_id: RunIdArg,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the model, mask and card.")],
+    round: Annotated[
+        int | None, typer.Option("--round", help="Round to export (default: the newest).", min=1)
+    ] = None,
+    fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.torchscript,
+    db: DbOption = None,
+) -> None:
+    """Export the condensed global model, its mask and a model card from a run's checkpoint."""
+    from server.export import export_model  # torch.jit / onnx only when exporting
+
+    with _open(db) as store:
+        full_id = store.resolve_run_id(run_id)
+        res = export_model(store, full_id, out, round=round, fmt=fmt.value)
+    card = res.card
+    Console(highlight=False).print(
+        f"wrote {res.model_path} (round {card['round']}, accuracy {100 * card['accuracy']:.2f}%, "
+        f"{card['params_condensed']:,} of {card['params_dense']:,} parameters), "
+        f"{res.mask_path.name}, {res.card_path.name}"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Add `runs list|show` and `report` to the leanfed CLI."""
+    """Add `runs list|show`, `report` and `export` to the leanfed CLI."""
     app.add_typer(runs_app, name="runs")
     app.command("report")(report)
+    app.command("export")(export)

@@ -9,8 +9,9 @@ al. 2023, Sec. 4.4 for the fan-in layer):
    consumers' input columns (dim 1): ``conv2 [32, 16, 3, 3] -> [7, 4, 3, 3]``. The Linear /
    Conv / BatchNorm / PyG Linear modules keep their class; only their tensors and size
    attributes change, so fused paths (``nn.TransformerEncoderLayer``'s fast path) still run.
-2. Sparse rows. A masked ``Linear`` whose busiest row keeps at most ``fanin_max_density`` of
-   its inputs becomes ``FanInLinear``: ``values [out, k]`` + ``index [out, k]`` (rows with
+2. Sparse rows. A masked ``Linear`` whose busiest row keeps at most ``fanin_max_density``
+   (default 0.25: above it a dense matmul beat the gather on our CPU) of its inputs becomes
+   ``FanInLinear``: ``values [out, k]`` + ``index [out, k]`` (rows with
    fewer than k inputs are padded with weight 0), y = sum_k values * x[..., index] + bias.
    A constant fan-in mask (SRigL) needs no padding.
 
@@ -31,7 +32,14 @@ from torch import nn
 from strategies.sparse.masks import Mask, apply_mask
 from strategies.sparse.units import consumer_columns, dead_units, unit_groups
 
-__all__ = ["FanInLinear", "Slice", "condense", "condensed_mask", "expand"]
+__all__ = [
+    "FanInLinear",
+    "Slice",
+    "condense",
+    "condensed_mask",
+    "expand",
+    "swappable_linears",
+]
 
 # Modules whose parent reads ``child.weight`` directly (fused kernels): never swap the child.
 _NO_SWAP_PARENTS = (nn.TransformerEncoderLayer, nn.MultiheadAttention)
@@ -51,8 +59,10 @@ class FanInLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())  # [out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = x[..., self.index]  # [..., in] -> [..., out, k]
-        y = (g * self.values).sum(-1)  # [..., out]
+        out, k = self.values.shape
+        # index_select on the flat index is several times faster than x[..., index] in eager.
+        g = x.index_select(-1, self.index.reshape(-1)).view(*x.shape[:-1], out, k)
+        y = (g * self.values).sum(-1)  # [..., out, k] -> [..., out]
         return y if self.bias is None else y + self.bias
 
 
@@ -130,22 +140,29 @@ def _unit_slices(
     return rows, cols
 
 
-def _fanin_candidates(root: nn.Module, mask: Mask, max_density: float) -> list[str]:
+def swappable_linears(root: nn.Module) -> list[str]:
+    """Names of Linear modules (torch or PyG) that may be replaced by another module: their
+    parent calls them (``child(x)``) rather than reading ``child.weight`` in a fused kernel."""
+    mods = dict(root.named_modules())
     out = []
-    parents = {n: m for n, m in root.named_modules()}
-    for name, m in mask.items():
-        mod_name, _, attr = name.rpartition(".")
-        mod = parents.get(mod_name)
-        parent = parents.get(mod_name.rpartition(".")[0]) if mod_name else None
+    for name, mod in mods.items():
         linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Linear"
-        if attr != "weight" or not linear or m.dim() != 2 or isinstance(parent, _NO_SWAP_PARENTS):
-            continue
-        if int(m.sum(1).max()) <= max_density * m.shape[1]:
+        parent = mods.get(name.rpartition(".")[0]) if name else None
+        if name and linear and not isinstance(parent, _NO_SWAP_PARENTS):
             out.append(name)
     return out
 
 
-def condense(model: nn.Module, mask: Mask, *, fanin_max_density: float = 0.5) -> nn.Module:
+def _fanin_candidates(root: nn.Module, mask: Mask, max_density: float) -> list[str]:
+    out = []
+    for mod_name in swappable_linears(root):
+        m = mask.get(f"{mod_name}.weight")
+        if m is not None and m.dim() == 2 and int(m.sum(1).max()) <= max_density * m.shape[1]:
+            out.append(f"{mod_name}.weight")
+    return out
+
+
+def condense(model: nn.Module, mask: Mask, *, fanin_max_density: float = 0.25) -> nn.Module:
     """A smaller copy of ``model`` computing the masked model's outputs (``model`` untouched)."""
     small = copy.deepcopy(model)
     apply_mask(small, mask)

@@ -101,7 +101,7 @@ def test_condensed_matches_masked_model(name: str, rule: str) -> None:
 
 def test_channel_rule_gives_smaller_dense_layers_and_fanin_head() -> None:
     model, mask, _ = trained("cnn", "channel", "uniform")
-    small = condense(model, mask)
+    small = condense(model, mask, fanin_max_density=0.5)
     alive1 = int(mask["conv1.weight"].reshape(16, -1).any(1).sum())
     alive2 = int(mask["conv2.weight"].reshape(32, -1).any(1).sum())
     alive3 = int(mask["fc1.weight"].any(1).sum())

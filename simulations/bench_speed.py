@@ -1,0 +1,323 @@
+"""Speed benchmark: dense vs masked vs CSR vs condensed models, side by side -> DIR/results.json.
+
+For each task (CNN, transformer, GNN on MNIST-5k) one dense model and one structured-DST
+model per density (``channel`` rule: whole units where the model declares unit groups,
+constant fan-in elsewhere) are trained briefly, so accuracies are real. Each is then run in
+the four variants of ``speed_variants``: inference latency at batch 1 and 64 on 1 and 2
+threads (``torch.utils.benchmark``, median and IQR), one local-training round's wall time,
+and test accuracy. Every number comes from this one process, one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+
+from client.trainer import evaluate, make_optimizer, train_steps
+from simulations.speed_variants import latency, train_round_s, variants
+from strategies.sparse.engine import DSTConfig, DSTController
+from strategies.sparse.flops import inference_flops
+from strategies.sparse.masks import Mask, ones_mask, sparsifiable_shapes
+from tasks.datasets import load_dataset
+from tasks.models import build_model
+
+VARIANTS: tuple[str, ...] = ("dense", "masked", "csr", "condensed")
+REQUIRED_KEYS: tuple[str, ...] = (
+    "task",
+    "variant",
+    "density",
+    "batch",
+    "threads",
+    "latency_ms",
+    "latency_ms_iqr",
+    "accuracy",
+    "train_round_s",
+    "params",
+    "inference_flops",
+    "rule",
+    "seed",
+)
+COLORS = {"dense": "black", "masked": "tab:gray", "csr": "tab:orange", "condensed": "tab:green"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures; ``QUICK`` is the CI smoke test (seconds)."""
+
+    tasks: tuple[str, ...] = ("cnn", "transformer", "gnn")
+    densities: tuple[float, ...] = (0.5, 0.2, 0.1)
+    batches: tuple[int, ...] = (1, 64)
+    threads: tuple[int, ...] = (1, 2)
+    epochs: tuple[int, ...] = (8, 6, 4)  # per task: short, but accuracies are real
+    lr: tuple[float, ...] = (0.05, 2e-3, 3e-3)
+    optimizer: tuple[str, ...] = ("sgd", "adam", "adam")
+    batch_size: int = 64
+    update_interval: int = 50
+    round_steps: int = 20  # one local round = 20 steps of batch 64 (as in the federated bench)
+    min_run_time: float = 0.3  # seconds per latency measurement
+    max_train: int | None = None
+    max_test: int | None = None
+    rule: str = "channel"
+
+
+FULL = Plan()
+QUICK = replace(
+    FULL,
+    densities=(0.5,),
+    batches=(1, 8),
+    threads=(1,),
+    epochs=(1, 1, 1),
+    batch_size=16,
+    update_interval=2,
+    round_steps=2,
+    min_run_time=0.01,
+    max_train=64,
+    max_test=32,
+    optimizer=("adam", "adam", "adam"),
+    lr=(3e-3, 3e-3, 3e-3),
+)
+
+
+def _train(
+    task: int,
+    plan: Plan,
+    rule: str,
+    density: float,
+    data: tuple[torch.Tensor, ...],
+    seed: int,
+) -> tuple[torch.nn.Module, Mask]:
+    name = plan.tasks[task]
+    x, y, _, _ = data
+    model = build_model(name, tuple(x.shape[1:]), 10, seed=seed)
+    opt = make_optimizer(
+        model,
+        plan.optimizer[task],
+        plan.lr[task],
+        0.9,
+        5e-4 if plan.optimizer[task] == "sgd" else 0.0,
+    )
+    epochs = plan.epochs[task]
+    per_epoch = max(1, x.shape[0] // plan.batch_size)
+    cfg = DSTConfig(
+        rule=rule, density=density, distribution="erk", update_interval=plan.update_interval
+    )
+    ctl = DSTController(
+        model, opt, cfg, per_epoch * epochs, generator=torch.Generator().manual_seed(seed + 1)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):  # cosine LR over epochs, as in the centralized bench
+        for group in opt.param_groups:
+            group["lr"] = 0.5 * plan.lr[task] * (1 + math.cos(math.pi * epoch / epochs))
+        train_steps(model, ctl, opt, x, y, per_epoch, plan.batch_size, gen)
+    return model.eval(), ctl.mask
+
+
+def _data(plan: Plan, seed: int) -> tuple[torch.Tensor, ...]:
+    ds = load_dataset("mnist5k", seed=seed)
+    n = len(ds.y_train) if plan.max_train is None else plan.max_train
+    m = len(ds.y_test) if plan.max_test is None else plan.max_test
+    return (
+        torch.from_numpy(ds.x_train[:n]),
+        torch.from_numpy(ds.y_train[:n]),
+        torch.from_numpy(ds.x_test[:m]),
+        torch.from_numpy(ds.y_test[:m]),
+    )
+
+
+def _measure(
+    task: str,
+    density: float,
+    models: dict[str, torch.nn.Module],
+    mask: Mask,
+    trained: torch.nn.Module,
+    plan: Plan,
+    data: tuple[torch.Tensor, ...],
+    seed: int,
+) -> list[dict[str, Any]]:
+    x, y, x_test, y_test = data
+    rows = []
+    example = x_test[:1]
+    for variant, model in models.items():
+        _, acc = evaluate(model, x_test, y_test)
+        # active weights (masked, CSR: nonzeros; condensed: what the small net stores)
+        params = sum(p.numel() for p in (model if variant == "condensed" else trained).parameters())
+        if variant in ("masked", "csr"):
+            params -= sum(int((~m).sum()) for m in mask.values())
+        flops_mask = mask if variant != "dense" else None
+        flops = inference_flops(trained, example, flops_mask) if variant != "condensed" else None
+        torch.set_num_threads(1)
+        round_s = train_round_s(
+            variant,
+            trained,
+            None if variant == "dense" else mask,
+            x,
+            y,
+            plan.round_steps,
+            plan.batch_size,
+        )
+        for batch in plan.batches:
+            xb = x_test[:batch]
+            for threads in plan.threads:
+                med, iqr = latency(model, xb, threads, plan.min_run_time)
+                rows.append(
+                    {
+                        "task": task,
+                        "variant": variant,
+                        "density": density,
+                        "batch": batch,
+                        "threads": threads,
+                        "latency_ms": round(med, 4),
+                        "latency_ms_iqr": round(iqr, 4),
+                        "accuracy": acc,
+                        "train_round_s": None if round_s is None else round(round_s, 4),
+                        "params": params,
+                        "inference_flops": flops,
+                        "rule": "dense" if variant == "dense" else plan.rule,
+                        "seed": seed,
+                    }
+                )
+    return rows
+
+
+def run_speed(
+    out_dir: Path, seed: int = 0, quick: bool = False, log: Console | None = None
+) -> list[dict[str, Any]]:
+    """Run the benchmark; writes DIR/results.json (after every model), results.md and a plot."""
+    plan = QUICK if quick else FULL
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = _data(plan, seed)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, task in enumerate(plan.tasks):
+        torch.set_num_threads(1)  # training on one thread: steadier on a shared machine
+        dense, _ = _train(i, plan, "dense", 1.0, data, seed)
+        full = ones_mask(sparsifiable_shapes(dense))
+        dense_models = {"dense": dense}
+        rows += _measure(task, 1.0, dense_models, full, dense, plan, data, seed)
+        for density in plan.densities:
+            torch.set_num_threads(1)
+            sparse, mask = _train(i, plan, plan.rule, density, data, seed)
+            models = variants(dense, sparse, mask)
+            del models["dense"]
+            rows += _measure(task, density, models, mask, sparse, plan, data, seed)
+            (out_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+            if log is not None:
+                log.print(f"{task} d={density:g} done ({time.perf_counter() - t0:.0f} s)")
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    total = time.perf_counter() - t0
+    (out_dir / "results.md").write_text(
+        markdown_table(rows) + f"\n\nTotal wall time: {total:.0f} s\n"
+    )
+    plot(rows, out_dir / "latency_vs_accuracy.png")
+    return rows
+
+
+def _get(rows: list[dict[str, Any]], **kw: Any) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r[k] == v for k, v in kw.items())), None)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Batch 1 / 1 thread and batch 64 / 2 threads latencies, ratios to dense, accuracy."""
+    head = (
+        "| task | variant | density | accuracy (%) | params | b1 t1 ms (IQR) | vs dense "
+        "| b64 t2 ms (IQR) | vs dense | train round s | vs dense |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    out = [head]
+    b_hi = max(r["batch"] for r in rows)
+    t_hi = max(r["threads"] for r in rows)
+    for r in rows:
+        if r["batch"] != 1 or r["threads"] != 1:
+            continue
+        d1 = _get(rows, task=r["task"], variant="dense", batch=1, threads=1)
+        hi = _get(
+            rows,
+            task=r["task"],
+            variant=r["variant"],
+            density=r["density"],
+            batch=b_hi,
+            threads=t_hi,
+        )
+        dhi = _get(rows, task=r["task"], variant="dense", batch=b_hi, threads=t_hi)
+        assert d1 is not None and hi is not None and dhi is not None
+        rs, drs = r["train_round_s"], d1["train_round_s"]
+        out.append(
+            f"| {r['task']} | {r['variant']} | {r['density']:g} | {100 * r['accuracy']:.1f} "
+            f"| {r['params']:,} | {r['latency_ms']:.3f} ({r['latency_ms_iqr']:.3f}) "
+            f"| {r['latency_ms'] / d1['latency_ms']:.2f}x "
+            f"| {hi['latency_ms']:.2f} ({hi['latency_ms_iqr']:.2f}) "
+            f"| {hi['latency_ms'] / dhi['latency_ms']:.2f}x "
+            f"| {'-' if rs is None else f'{rs:.3f}'} "
+            f"| {'-' if rs is None else f'{rs / drs:.2f}x'} |"
+        )
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy vs batch-1, 1-thread latency per task; one colour per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for variant in VARIANTS:
+            pts = [
+                r
+                for r in rows
+                if r["task"] == task
+                and r["variant"] == variant
+                and r["batch"] == 1
+                and r["threads"] == 1
+            ]
+            ax.scatter(
+                [r["latency_ms"] for r in pts],
+                [100 * r["accuracy"] for r in pts],
+                color=COLORS[variant],
+                label=variant,
+            )
+            for r in pts:
+                ax.annotate(
+                    f"{r['density']:g}",
+                    (r["latency_ms"], 100 * r["accuracy"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set_xlabel("latency, batch 1, 1 thread (ms)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def register(bench_app: typer.Typer) -> None:
+    """Add ``leanfed bench speed`` to the CLI's bench group."""
+
+    @bench_app.command("speed")
+    def speed(
+        out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path(
+            "results/speed"
+        ),
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        quick: Annotated[bool, typer.Option("--quick", help="Tiny CI variant (seconds).")] = False,
+    ) -> None:
+        """Dense vs masked vs CSR vs condensed: latency, training round, accuracy."""
+        console = Console()
+        rows = run_speed(out, seed=seed, quick=quick, log=console)
+        console.print(markdown_table(rows))
+        console.print(f"wrote {out / 'results.json'}")
