@@ -14,7 +14,7 @@ from strategies import codec
 from strategies.aggregation import secagg_wire
 from strategies.sparse.masks import Mask, pack_mask, unpack_mask
 from tasks.config import LeanfedConfig
-from tasks.models import build_model
+from tasks.plugins import run_model
 
 app = ClientApp()
 # SecAgg+ key stages (query.secagg_*); the masked input itself is the train reply.
@@ -70,7 +70,7 @@ def _model_and_data(
 ) -> tuple[LeanfedConfig, torch.nn.Module, torch.Tensor, torch.Tensor]:
     cfg = _config(context)
     data = local_data(cfg, dict(context.node_config))
-    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+    model = run_model(cfg, data.input_shape, data.num_classes)
     return cfg, model, data.x, data.y
 
 
@@ -131,7 +131,7 @@ def _continual_train(
 ) -> tuple[torch.nn.Module, RoundOutcome]:
     """The client's data is its stream: restore CL state, advance, regrow/protect, train."""
     data = client_stream(cfg, dict(context.node_config))
-    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+    model = run_model(cfg, data.input_shape, data.num_classes)
     mask = _receive(msg, context, model)
     seed = node_seed(cfg, context.node_id)
     gen = torch.Generator().manual_seed((seed + server_round) % (2**63))
@@ -146,7 +146,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     per_task: dict[str, float] = {}
     if cfg.cl_scenario != "none":
         data = client_stream(cfg, dict(context.node_config))
-        model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.seed)
+        model = run_model(cfg, data.input_shape, data.num_classes)
         _receive(msg, context, model)
         # This client's row of the accuracy matrix: the global model on its own data of
         # every experience in its stream (future ones too, for forward transfer).

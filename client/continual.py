@@ -41,7 +41,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from client.data import shared_dataset
+from client.data import Options, shared_dataset
 from client.local import RoundOutcome, readjust_fraction, round_controller
 from strategies.continual.drift import DriftConfig, DriftMonitor, DriftSignal
 from strategies.continual.policy import RegrowthPolicy, gradient_grow_scores, merge_budgets
@@ -51,6 +51,7 @@ from strategies.sparse.engine import DSTController
 from strategies.sparse.flops import train_flops
 from strategies.sparse.masks import Mask, pack_mask, unpack_mask
 from tasks.config import LeanfedConfig
+from tasks.plugins import frozen_options
 from tasks.stream import ClientStream, Experience, FileStream, StreamError
 
 STATE_KEY = "leanfed.cl"  # ConfigRecord: stream, drift, policy, replay counters, frozen bits
@@ -82,7 +83,14 @@ def register_scenario_builder(builder: ScenarioBuilder) -> None:
 
 @lru_cache(maxsize=4)
 def _scenario(
-    name: str, num_clients: int, seed: int, rounds_per_task: int, delay: int, dataset: str
+    name: str,
+    num_clients: int,
+    seed: int,
+    rounds_per_task: int,
+    delay: int,
+    dataset: str,
+    data_options: Options = (),
+    options: Options = (),
 ) -> ScenarioLike:
     if not _builder:
         from tasks.scenarios import make_scenario  # default: the shipped scenarios
@@ -94,7 +102,8 @@ def _scenario(
         seed,
         rounds_per_task=rounds_per_task,
         async_max_delay=delay,
-        data=shared_dataset(dataset, seed),
+        data=shared_dataset(dataset, seed, data_options),
+        **dict(options),
     )
 
 
@@ -134,7 +143,8 @@ def client_stream(cfg: LeanfedConfig, node_config: dict[str, Any]) -> StreamData
         if "num-classes" in node_config:
             num_classes = int(node_config["num-classes"])
         else:
-            num_classes = int(shared_dataset(cfg.dataset, cfg.seed).num_classes)
+            ds = shared_dataset(cfg.dataset, cfg.seed, frozen_options(cfg, "dataset"))
+            num_classes = int(ds.num_classes)
         return StreamData(stream, num_classes, tuple(int(s) for s in first.x.shape[1:]))
     if "partition-id" not in node_config:
         raise ValueError("node_config needs 'partition-id' (simulation) or 'stream-dir' (deployed)")
@@ -143,7 +153,14 @@ def client_stream(cfg: LeanfedConfig, node_config: dict[str, Any]) -> StreamData
     if not 0 <= pid < n:
         raise ValueError(f"partition-id {pid} out of range for {n} partitions")
     sc = _scenario(
-        cfg.cl_scenario, n, cfg.seed, cfg.cl_rounds_per_task, cfg.cl_async_max_delay, cfg.dataset
+        cfg.cl_scenario,
+        n,
+        cfg.seed,
+        cfg.cl_rounds_per_task,
+        cfg.cl_async_max_delay,
+        cfg.dataset,
+        frozen_options(cfg, "dataset"),
+        frozen_options(cfg, "cl"),
     )
     return StreamData(sc.stream(pid), int(sc.num_classes), tuple(sc.input_shape))
 

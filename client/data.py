@@ -11,6 +11,7 @@ import torch
 from tasks.config import LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.partition import make_partition
+from tasks.plugins import frozen_options
 
 
 @dataclass(frozen=True)
@@ -23,21 +24,31 @@ class LocalData:
     input_shape: tuple[int, ...]
 
 
+Options = tuple[tuple[str, bool | int | float | str], ...]
+
+
 @lru_cache(maxsize=4)
-def _dataset(name: str, seed: int) -> Dataset:
-    return load_dataset(name, seed=seed)
+def _dataset(name: str, seed: int, options: Options = ()) -> Dataset:
+    return load_dataset(name, seed=seed, options=dict(options))
 
 
-def shared_dataset(name: str, seed: int) -> Dataset:
+def shared_dataset(name: str, seed: int, options: Options = ()) -> Dataset:
     """The dataset, parsed once per process (mnist5k's CSV takes seconds to parse)."""
-    return _dataset(name, seed)
+    return _dataset(name, seed, options)
 
 
 @lru_cache(maxsize=4)
 def _partition_indices(
-    name: str, seed: int, scheme: str, num_partitions: int, alpha: float, shards: int, size: int
+    name: str,
+    seed: int,
+    options: Options,
+    scheme: str,
+    num_partitions: int,
+    alpha: float,
+    shards: int,
+    size: int,
 ) -> tuple[np.ndarray, ...]:
-    ds = _dataset(name, seed)
+    ds = _dataset(name, seed, options)
     part = make_partition(scheme, ds.y_train, num_partitions, seed, alpha, shards, size)
     return part.indices
 
@@ -63,10 +74,12 @@ def local_data(cfg: LeanfedConfig, node_config: dict[str, bool | float | int | s
         n = int(node_config.get("num-partitions", cfg.num_partitions))
         if not 0 <= pid < n:
             raise ValueError(f"partition-id {pid} out of range for {n} partitions")
-        ds = _dataset(cfg.dataset, cfg.seed)
+        options = frozen_options(cfg, "dataset")
+        ds = _dataset(cfg.dataset, cfg.seed, options)
         ix = _partition_indices(
             cfg.dataset,
             cfg.seed,
+            options,
             cfg.partition_scheme,
             n,
             cfg.partition_alpha,

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from client.trainer import evaluate, make_optimizer, train_steps
+from strategies.plugins import option_kwargs
 from strategies.sparse.engine import DSTConfig, DSTController
 from strategies.sparse.masks import Mask
+from strategies.sparse.rules import DST_RULES
 from strategies.sparse.selection import parse_patterns
 from tasks.config import LeanfedConfig
 
@@ -35,29 +37,12 @@ def readjust_fraction(cfg: LeanfedConfig, server_round: int) -> float | None:
     Bibikar et al. 2022 readjust client masks every ΔR rounds with
     α_r = α/2 · (1 + cos(π r / R_end)), stopping at R_end (RigL's schedule in rounds).
     """
-    if cfg.dst_rule not in ("set", "rigl"):
+    if cfg.dst_rule in ("dense", "static", "gmp"):  # set, rigl and plug-in rules readjust
         return None
     r_end = max(1, int(cfg.dst_end_round_fraction * cfg.num_server_rounds))
     if server_round >= r_end or server_round % cfg.dst_mask_round_interval != 0:
         return None
     return cfg.dst_drop_fraction / 2 * (1 + math.cos(math.pi * server_round / r_end))
-
-
-def dense_grad_scores(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
-) -> dict[str, torch.Tensor]:
-    """|∂L/∂W| of the full weight tensors on one batch: RigL's grow score (Evci et al. 2020)."""
-    params = dict(model.named_parameters())
-    model.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    scores: dict[str, torch.Tensor] = {}
-    for n in names:
-        grad = params[n].grad
-        if grad is not None:
-            scores[n] = grad.detach().abs().clone()
-    model.zero_grad(set_to_none=True)
-    return scores
 
 
 def round_controller(
@@ -106,10 +91,12 @@ def local_round(
     dropped = grown = 0
     if fraction is not None and mask is not None:
         scores = None
-        if cfg.dst_rule == "rigl":
+        if cfg.dst_rule != "set":  # RigL or a plug-in: scores on a few batches
             n = min(len(x), 4 * cfg.local_batch_size)
             pick = torch.randperm(len(x), generator=generator)[:n]
-            scores = dense_grad_scores(model, x[pick], y[pick], list(controller.mask))
+            rule = DST_RULES.resolve(cfg.dst_rule)
+            names = list(controller.mask)
+            scores = rule(model, x[pick], y[pick], names, **option_kwargs(cfg.options("dst")))
         changed = controller.regrow(fraction, grow_scores=scores)
         dropped, grown = int(changed.get("dropped", 0)), int(changed.get("grown", 0))
         rest = cfg.local_steps - first

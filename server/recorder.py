@@ -65,6 +65,8 @@ def checkpoint_bytes(
         payload["mask"] = {k: v.clone() for k, v in strategy.mask.items()}
         payload["mask_version"] = strategy.mask_version
         payload["target_densities"] = dict(strategy.target_densities)
+    if isinstance(strategy, SparseFedAvg):  # a stateful aggregation rule's state (FedAdam's m, v)
+        payload["rule_state"] = strategy.rule.state_dict()
     return _to_bytes(payload)
 
 
@@ -91,6 +93,8 @@ def load_resume_point(store: RunStore, run_id: str, cfg: LeanfedConfig) -> Resum
         strategy.mask = ck["mask"]
         strategy.mask_version = int(ck["mask_version"])
         strategy.target_densities = dict(ck["target_densities"])
+    if isinstance(strategy, SparseFedAvg):
+        strategy.rule.load_state_dict(ck.get("rule_state", {}))
     random.setstate(_tuplify(ck["py_random"]))
     torch.set_rng_state(ck["torch_rng"])
     return ResumePoint(round=int(ck["round"]), state=ck["state"], strategy=strategy)

@@ -8,14 +8,13 @@ the strategy in :class:`RoundOffset` so rounds keep their absolute numbers.
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -23,7 +22,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.aggregation.counting import ByteCountingFedAvg
-from strategies.aggregation.merge import MergeOptions, MergeRule
 from strategies.aggregation.secagg import SecAggSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.aggregation.validate import ReplyLimits
@@ -31,10 +29,10 @@ from strategies.sparse.layout import plan_densities, planned_random_mask
 from strategies.sparse.masks import Mask
 from strategies.sparse.saliency import saliency_mask, saliency_scores
 from strategies.sparse.selection import parse_patterns, select_sparsifiable
-from tasks.config import ConfigError, LeanfedConfig
+from tasks.config import LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
-from tasks.models import build_model
+from tasks.plugins import merge_options, rule_options, run_dataset, run_model
 from tasks.scenarios import make_scenario
 
 
@@ -76,9 +74,9 @@ RoundCallback = Callable[[RoundRecord, Strategy, ArrayRecord], None]
 
 
 @lru_cache(maxsize=4)
-def _dataset(name: str, seed: int) -> Dataset:
+def _dataset(name: str, seed: int, options: tuple[tuple[str, object], ...] = ()) -> Dataset:
     # Parsed once per server process: a benchmark runs several methods on one dataset.
-    return load_dataset(name, seed=seed)
+    return load_dataset(name, seed=seed, options=dict(options))
 
 
 def scenario_task_tests(cfg: LeanfedConfig, ds: Dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -89,6 +87,7 @@ def scenario_task_tests(cfg: LeanfedConfig, ds: Dataset) -> list[tuple[torch.Ten
         cfg.seed,
         rounds_per_task=cfg.cl_rounds_per_task,
         data=ds,
+        **cfg.options("cl"),  # type: ignore[arg-type]
     )
     return [(e.x, e.y) for e in (scenario.test_set(t) for t in range(scenario.num_tasks))]
 
@@ -99,21 +98,7 @@ def test_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_model(cfg: LeanfedConfig, ds: Dataset) -> torch.nn.Module:
-    return build_model(cfg.model, tuple(ds.input_shape), ds.num_classes, seed=cfg.seed)
-
-
-def resolve_merge_rule(name: str) -> str | MergeRule:
-    """A built-in rule name, or ``"package.module:function"`` naming a user's own rule."""
-    if ":" not in name:
-        return name
-    module, _, attr = name.partition(":")
-    try:
-        rule = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"aggregation.rule = {name!r}: cannot import it ({exc})") from exc
-    if not callable(rule):
-        raise ConfigError(f"aggregation.rule = {name!r} is not callable")
-    return cast(MergeRule, rule)
+    return run_model(cfg, tuple(ds.input_shape), ds.num_classes)
 
 
 def sparse_init(model: torch.nn.Module, cfg: LeanfedConfig) -> Mask:
@@ -178,15 +163,10 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
         distribution=cfg.dst_distribution,
         upload_dtype=cfg.codec_upload_dtype,
         download_dtype=cfg.codec_download_dtype,
-        merge_rule=resolve_merge_rule(cfg.aggregation_rule),
+        merge_rule=cfg.aggregation_rule,
         trim=cfg.aggregation_trim,
-        merge_options=MergeOptions(
-            trim=cfg.aggregation_trim,
-            num_malicious=cfg.aggregation_num_malicious,
-            min_support=cfg.aggregation_min_support,
-            clip_norm=cfg.aggregation_clip_norm,
-            krum_select=cfg.aggregation_krum_select,
-        ),
+        merge_options=merge_options(cfg),
+        rule_options=rule_options(cfg),
         vote=cfg.aggregation_vote,
         # FedDST: the server re-votes the mask on the rounds clients readjust theirs.
         mask_update_interval=cfg.dst_mask_round_interval if dynamic else 1,
@@ -261,7 +241,7 @@ def run_federated(
     ``task_tests`` (continual runs): one (x, y) test set per task; every evaluation then
     also fills ``task_accuracies``, the accuracy-matrix row of that round.
     """
-    ds = _dataset(cfg.dataset, cfg.seed)
+    ds = run_dataset(cfg, _dataset)
     x_test, y_test = test_tensors(ds)
     model = make_model(cfg, ds)
     if task_tests is None and cfg.cl_scenario != "none":
@@ -316,7 +296,8 @@ def run_federated(
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds - offset,
         timeout=timeout,
-        train_config=ConfigRecord({"seed": cfg.seed}),
+        # "proximal-mu": FedProx's client term, under the key Flower's FedProx sends.
+        train_config=ConfigRecord({"seed": cfg.seed, "proximal-mu": cfg.local_proximal_mu}),
         evaluate_config=ConfigRecord({"seed": cfg.seed}),
         evaluate_fn=evaluate_fn,
     )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-RULES = ("dense", "static", "set", "rigl", "gmp")
+RULES = ("dense", "static", "set", "rigl", "gmp")  # built-ins; plug-ins: tasks.plugins
 STRATEGIES = ("sparse", "flower-fedavg")
 PARTITIONS = ("iid", "dirichlet", "shards", "sample")
 VALUE_DTYPES = ("fp32", "fp16", "int8")
@@ -18,8 +18,13 @@ DST_INITS = ("random", "magnitude")
 OPTIMIZERS = ("sgd", "adam")
 SECURE_MODES = ("none", "secagg")
 CL_SCENARIOS = ("none", "split-mnist", "permuted-mnist", "rotated-mnist", "hospital")
-VOTES = ("weighted", "robust")  # strategies.aggregation.strategy.VOTES
+VOTES = ("weighted", "robust")  # built-ins of strategies.aggregation.rules.VOTE_RULES
 BYZANTINE_RULES = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # n >= k*f + 3 clients per round
+# Plug-in options: "<section>.options.<name>" run-config keys, passed to the plug-in's factory
+# as keyword arguments (hyphens -> underscores). In a TOML file that also sets `model = ...`
+# quote the key: "model.options.hidden" = 64 (TOML cannot make `model` a string and a table).
+OPTION_SECTIONS = ("model", "dataset", "aggregation", "dst", "cl")
+OptionValue = bool | int | float | str
 DRIFT_DETECTORS = ("adwin", "ddm", "both", "none")  # strategies.continual.drift.DETECTORS
 
 
@@ -40,8 +45,8 @@ class LeanfedConfig:
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
     # data
-    dataset: str = "mnist5k"
-    model: str = "cnn"
+    dataset: str = "mnist5k"  # built-in name, csv:PATH, npz:PATH, entry point or module:factory
+    model: str = "auto"  # "auto": CNN for images, MLP for tabular data; or any model plug-in
     partition_scheme: str = "dirichlet"
     partition_alpha: float = 0.5
     partition_shards: int = 2
@@ -54,6 +59,7 @@ class LeanfedConfig:
     local_optimizer: str = "sgd"
     local_momentum: float = 0.9
     local_weight_decay: float = 5e-4
+    local_proximal_mu: float = 0.0  # FedProx (Li et al. 2020): + mu/2 ||w - w_global||^2
     # dynamic sparse training
     dst_rule: str = "rigl"
     dst_density: float = 0.1
@@ -77,7 +83,7 @@ class LeanfedConfig:
     aggregation_min_support: int = 0  # clients that must keep a coordinate; 0 = 2f + 1
     aggregation_clip_norm: float = 0.0  # "clipped-*" L2 bound per update; 0 = round median
     aggregation_krum_select: int = 0  # updates multi-Krum averages; 0 = n - f
-    aggregation_vote: str = "weighted"  # consensus-mask vote: "weighted" | "robust"
+    aggregation_vote: str = "weighted"  # consensus-mask vote: "weighted" | "robust" | plug-in
     # reply bounds (strategies.aggregation.validate): "num-examples" cap, |value| cap,
     # update norm <= factor x running median (0 = off), absolute norm cap (0 = none)
     aggregation_max_num_examples: int = 1_000_000
@@ -104,6 +110,8 @@ class LeanfedConfig:
     secure_neighbors: int = 0  # SecAgg+ graph degree k (0 = complete graph: SecAgg)
     # run bookkeeping: continue a stored run from its last committed round ("" = new run)
     resume: str = ""
+    # (section, name, value) of every "<section>.options.<name>" key, sorted; not a plain key
+    plugin_options: tuple[tuple[str, str, OptionValue], ...] = ()
 
     # ---------------------------------------------------------------------------------
     @staticmethod
@@ -114,22 +122,54 @@ class LeanfedConfig:
         return field_name.replace("_", "-")
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> LeanfedConfig:
-        """Parse Flower's flat run config (dotted keys), check every value, fail before round 1."""
-        by_key = {cls.key_of(f.name): f for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(by_key))
-        if unknown:
-            raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(by_key)}")
+    def _plain_fields(cls) -> dict[str, Any]:
+        return {cls.key_of(f.name): f for f in fields(cls) if f.name != "plugin_options"}
+
+    @classmethod
+    def from_run_config(
+        cls, run_config: dict[str, Any], *, check_plugins: bool = True
+    ) -> LeanfedConfig:
+        """Parse Flower's flat run config (dotted keys), check every value, fail before round 1.
+
+        ``check_plugins`` also resolves every named plug-in (model, dataset, scenario,
+        aggregation rule, vote, DST rule) and binds its options to its factory.
+        """
+        by_key = cls._plain_fields()
+        options: list[tuple[str, str, OptionValue]] = []
+        unknown: list[str] = []
         values: dict[str, Any] = {}
         for key, raw in run_config.items():
-            f = by_key[key]
-            values[f.name] = _coerce(key, raw, f.type)
-        cfg = cls(**values)
+            section, sep, name = key.partition(".options.")
+            if sep and section in OPTION_SECTIONS and name:
+                if isinstance(raw, dict | list) or raw is None:
+                    raise ConfigError(f"{key} = {raw!r}: expected a bool, number or string")
+                options.append((section, name, raw))
+            elif key not in by_key:
+                unknown.append(key)
+            else:
+                values[by_key[key].name] = _coerce(key, raw, by_key[key].type)
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {sorted(unknown)}; known keys: {sorted(by_key)} "
+                f"and '<section>.options.<name>' for sections {OPTION_SECTIONS}"
+            )
+        cfg = cls(**values, plugin_options=tuple(sorted(options)))
         cfg.validate()
+        if check_plugins:
+            from tasks.plugins import check_plugins as check  # lazy: imports torch
+
+            check(cfg)
         return cfg
 
     def to_run_config(self) -> dict[str, bool | float | int | str]:
-        return {self.key_of(f.name): getattr(self, f.name) for f in fields(self)}
+        plain = {k: getattr(self, f.name) for k, f in self._plain_fields().items()}
+        return plain | {f"{s}.options.{n}": v for s, n, v in self.plugin_options}
+
+    def options(self, section: str) -> dict[str, OptionValue]:
+        """The ``<section>.options.*`` values, by option name (hyphens kept)."""
+        if section not in OPTION_SECTIONS:
+            raise ValueError(f"unknown options section {section!r}; one of {OPTION_SECTIONS}")
+        return {n: v for s, n, v in self.plugin_options if s == section}
 
     def replace(self, **changes: Any) -> LeanfedConfig:
         cfg = dataclasses.replace(self, **changes)
@@ -162,7 +202,8 @@ class LeanfedConfig:
         need(self.local_optimizer in OPTIMIZERS, "local.optimizer", f"must be one of {OPTIMIZERS}")
         need(0.0 <= self.local_momentum < 1.0, "local.momentum", "must be in [0, 1)")
         need(self.local_weight_decay >= 0, "local.weight-decay", "must be >= 0")
-        need(self.dst_rule in RULES, "dst.rule", f"must be one of {RULES}")
+        plugin = "or a plug-in 'package.module:factory'"
+        need(self.dst_rule != "", "dst.rule", f"must be one of {RULES} {plugin}")
         need(0.0 < self.dst_density <= 1.0, "dst.density", "must be in (0, 1]")
         need(self.dst_distribution in DISTRIBUTIONS, "dst.distribution", f"one of {DISTRIBUTIONS}")
         need(0.0 <= self.dst_drop_fraction < 1.0, "dst.drop-fraction", "must be in [0, 1)")
@@ -190,7 +231,8 @@ class LeanfedConfig:
             "must be 0 (off) or >= 1",
         )
         need(self.aggregation_max_update_norm >= 0, "aggregation.max-update-norm", "must be >= 0")
-        need(self.cl_scenario in CL_SCENARIOS, "cl.scenario", f"must be one of {CL_SCENARIOS}")
+        need(self.cl_scenario != "", "cl.scenario", f"'none', one of {CL_SCENARIOS} {plugin}")
+        need(self.local_proximal_mu >= 0, "local.proximal-mu", "must be >= 0")
         need(self.cl_rounds_per_task >= 1, "cl.rounds-per-task", "must be >= 1")
         need(
             0 <= self.cl_async_max_delay < self.cl_rounds_per_task,
@@ -222,9 +264,29 @@ class LeanfedConfig:
                 "secure.mode = 'secagg' sums updates securely: it needs strategy = 'sparse' "
                 "and aggregation.rule = 'mean'"
             )
-        if self.strategy == "flower-fedavg" and self.dst_rule != "dense":
+        if self.strategy == "flower-fedavg":
+            self._check_dense_baseline()
+
+    def _check_dense_baseline(self) -> None:
+        """Flower's FedAvg aggregates densely by itself: leanfed's server rules do not apply."""
+        if self.dst_rule != "dense":
             raise ConfigError(
                 "strategy = 'flower-fedavg' is the dense baseline: set dst.rule = 'dense'"
+            )
+        for key, value, default in (
+            ("aggregation.rule", self.aggregation_rule, "mean"),
+            ("aggregation.vote", self.aggregation_vote, "weighted"),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"{key} = {value!r} does not apply to strategy = 'flower-fedavg' (Flower's "
+                    "own dense FedAvg); use strategy = 'sparse' with dst.rule = 'dense' for a "
+                    "dense run with this rule"
+                )
+        if self.options("aggregation"):
+            raise ConfigError(
+                "aggregation.options.* do not apply to strategy = 'flower-fedavg' "
+                "(Flower's own dense FedAvg); use strategy = 'sparse' with dst.rule = 'dense'"
             )
 
     def _validate_robust(self, need: Callable[[bool, str, str], None]) -> None:
@@ -232,7 +294,7 @@ class LeanfedConfig:
         need(self.aggregation_min_support >= 0, "aggregation.min-support", "must be >= 0")
         need(self.aggregation_clip_norm >= 0, "aggregation.clip-norm", "must be >= 0")
         need(self.aggregation_krum_select >= 0, "aggregation.krum-select", "must be >= 0")
-        need(self.aggregation_vote in VOTES, "aggregation.vote", f"must be one of {VOTES}")
+        need(self.aggregation_vote != "", "aggregation.vote", f"one of {VOTES} or a plug-in")
         k = BYZANTINE_RULES.get(self.aggregation_rule)
         if k is not None:
             per_round = max(int(self.num_partitions * self.fraction_train), self.min_train_nodes)

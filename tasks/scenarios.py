@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from strategies.plugins import PluginError, Registry, check_options, option_kwargs
 from tasks.stream import ClientStream, Experience
 
 
@@ -432,11 +433,22 @@ def hospital_stream(
     )
 
 
-SCENARIOS: dict[str, Callable[..., Scenario]] = {
-    "split-mnist": split_mnist,
-    "permuted-mnist": permuted_mnist,
-    "rotated-mnist": rotated_mnist,
-    "hospital": hospital_stream,
+# A scenario factory: (num_clients, seed, *, rounds_per_task, data, **options) -> a Scenario
+# (or any object with num_tasks, num_classes, input_shape, stream(client), test_set(task)).
+# ``data`` is the run's dataset (config ``dataset``); ``options`` come from cl.options.*.
+ScenarioFactory = Callable[..., Scenario]
+SCENARIO_REGISTRY: Registry[ScenarioFactory] = Registry(
+    "scenario", "leanfed.scenarios", "cl.scenario"
+)
+for _name, _factory in (
+    ("split-mnist", split_mnist),
+    ("permuted-mnist", permuted_mnist),
+    ("rotated-mnist", rotated_mnist),
+    ("hospital", hospital_stream),
+):
+    SCENARIO_REGISTRY.register(_name, _factory)
+SCENARIOS: dict[str, ScenarioFactory] = {
+    n: SCENARIO_REGISTRY.resolve(n) for n in SCENARIO_REGISTRY.builtin_names()
 }
 
 
@@ -449,10 +461,16 @@ def make_scenario(
     async_max_delay: int = 0,
     **kwargs: object,
 ) -> Scenario:
-    """Build a named scenario; ``async_max_delay > 0`` adds seeded asynchronous arrival."""
-    if name not in SCENARIOS:
-        raise ValueError(f"unknown scenario {name!r}; choose one of {sorted(SCENARIOS)}")
-    scenario = SCENARIOS[name](num_clients, seed, rounds_per_task=rounds_per_task, **kwargs)
+    """Build a named scenario (built-in, entry point or "module:factory"); ``kwargs`` go to
+    the factory (``data``, cl.options.*); ``async_max_delay > 0`` adds seeded async arrival."""
+    factory = SCENARIO_REGISTRY.resolve(name)
+    check_options(factory, 2, {"rounds_per_task": rounds_per_task, **kwargs}, "cl.options")
+    scenario = factory(num_clients, seed, rounds_per_task=rounds_per_task, **option_kwargs(kwargs))
+    for attr in ("num_tasks", "num_classes", "input_shape", "stream", "test_set"):
+        if not hasattr(scenario, attr):
+            raise PluginError(f"cl.scenario = {name!r}: the factory's result has no {attr!r}")
     if async_max_delay > 0:
+        if not hasattr(scenario, "with_async_arrival"):
+            raise PluginError(f"cl.scenario = {name!r} does not support cl.async-max-delay")
         scenario = scenario.with_async_arrival(rounds_per_task, async_max_delay, seed)
     return scenario

@@ -10,9 +10,9 @@ locally, the server sums their masks as votes weighted by examples and keeps the
 coordinates per layer, k = round(density_l * numel_l), breaking ties by |merged value|.
 
 A merge rule is any callable ``rule(updates, previous) -> {name: tensor}`` (`MergeRule`);
-built-ins are registered by name in `MERGE_RULES` ("mean", "median", "trimmed-mean", and the
-Byzantine-robust rules of `strategies.aggregation.robust`: "clipped-median", "krum",
-"multi-krum", "bulyan"), each built from the run's `MergeOptions`.
+built-ins are registered by name in ``strategies.aggregation.rules.MERGE_RULES`` ("mean",
+"median", "trimmed-mean", and the Byzantine-robust rules of `strategies.aggregation.robust`:
+"clipped-median", "krum", "multi-krum", "bulyan"), each built from the run's `MergeOptions`.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ class Median:
         return coordinate_median(updates, previous, self.min_support)
 
 
-def _robust(name: str) -> Callable[[MergeOptions], MergeRule]:
+def robust_factory(name: str) -> Callable[[MergeOptions], MergeRule]:
     def make(options: MergeOptions) -> MergeRule:
         # Imported here: strategies.aggregation.robust builds on this module's primitives.
         from strategies.aggregation.robust import robust_rule
@@ -300,35 +300,3 @@ def _robust(name: str) -> Callable[[MergeOptions], MergeRule]:
         return robust_rule(name, options)
 
     return make
-
-
-# name -> factory(options) -> rule; register your own with `register_merge_rule`.
-MERGE_RULES: dict[str, Callable[[MergeOptions], MergeRule]] = {
-    "mean": lambda o: masked_weighted_mean,
-    "median": lambda o: Median(o.support),
-    "trimmed-mean": lambda o: TrimmedMean(o.trim, o.num_malicious, o.support),
-    **{name: _robust(name) for name in ("clipped-median", "krum", "multi-krum", "bulyan")},
-}
-
-
-def register_merge_rule(name: str, factory: Callable[[MergeOptions], MergeRule]) -> None:
-    """Make a rule selectable by name (e.g. from run config ``aggregation.rule``)."""
-    if name in MERGE_RULES:
-        raise ValueError(f"merge rule {name!r} is already registered")
-    MERGE_RULES[name] = factory
-
-
-def get_merge_rule(
-    rule: str | MergeRule, trim: float = 0.2, options: MergeOptions | None = None
-) -> MergeRule:
-    """Resolve a rule name (see MERGE_RULES) or pass a callable through.
-
-    `options` carries every rule knob; without it, the defaults with trim fraction `trim`.
-    """
-    if isinstance(rule, str):
-        if rule not in MERGE_RULES:
-            raise ValueError(f"unknown merge rule {rule!r}; known: {sorted(MERGE_RULES)}")
-        return MERGE_RULES[rule](options if options is not None else MergeOptions(trim=trim))
-    if not callable(rule):
-        raise TypeError(f"merge rule must be a name or a callable, got {type(rule).__name__}")
-    return rule

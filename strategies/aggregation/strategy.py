@@ -43,13 +43,16 @@ from flwr.supercore import log
 
 from strategies import codec
 from strategies.aggregation.guard import ReplyGuard
-from strategies.aggregation.merge import (
-    MergeOptions,
-    MergeRule,
-    consensus_mask,
-    get_merge_rule,
+from strategies.aggregation.merge import MergeOptions, MergeRule
+from strategies.aggregation.rules import (
+    VOTE_RULES,
+    AggregationRule,
+    RoundInput,
+    VoteRule,
+    as_rule,
+    build_rule,
+    build_vote,
 )
-from strategies.aggregation.robust import robust_consensus_mask
 from strategies.aggregation.validate import ModelSpec, ReplyLimits, validate_replies
 from strategies.aggregation.wire import (
     ReplyError,
@@ -63,9 +66,10 @@ from strategies.sparse.masks import Mask, default_sparsifiable, random_mask
 
 __all__ = ["VOTES", "SparseFedAvg", "decode_reply", "encode_global"]
 
-# Consensus-mask votes: "weighted" = FedDST's examples-weighted vote, ties by |merged value|;
+# Built-in consensus-mask votes (strategies.aggregation.rules.VOTE_RULES; plug-ins too):
+# "weighted" = FedDST's examples-weighted vote, ties by |merged value|;
 # "robust" = weights capped at the median client's, ties by the previous mask then index.
-VOTES = ("weighted", "robust")
+VOTES = tuple(VOTE_RULES.builtin_names())
 
 
 class SparseFedAvg(ReplyGuard, FedAvg):
@@ -87,10 +91,11 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         distribution: str = "erk",
         upload_dtype: str = "fp32",
         download_dtype: str = "fp32",
-        merge_rule: str | MergeRule = "mean",
+        merge_rule: str | MergeRule | AggregationRule = "mean",
         trim: float = 0.2,
         merge_options: MergeOptions | None = None,
-        vote: str = "weighted",
+        rule_options: dict[str, bool | int | float | str] | None = None,
+        vote: str | VoteRule = "weighted",
         mask_update_interval: int = 1,
         mask_update_end_round: int | None = None,
         max_density_tolerance: float = 0.05,
@@ -130,11 +135,16 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         self._density_rule = layer_density_rule(distribution)
         self.upload_dtype = upload_dtype
         self.download_dtype = download_dtype
-        if vote not in VOTES:
-            raise ValueError(f"vote must be one of {VOTES}, got {vote!r}")
-        self.vote = vote
-        self.merge_rule: MergeRule = get_merge_rule(merge_rule, trim, merge_options)
-        self.merge_rule_name = merge_rule if isinstance(merge_rule, str) else repr(merge_rule)
+        run_options = merge_options if merge_options is not None else MergeOptions(trim=trim)
+        # The plug-in rule (stateless function or stateful object) and the mask vote.
+        self.rule: AggregationRule = (
+            build_rule(merge_rule, rule_options, run_options)
+            if isinstance(merge_rule, str) or rule_options
+            else as_rule(merge_rule)
+        )
+        self.vote_name = vote if isinstance(vote, str) else repr(vote)
+        self.vote: VoteRule = build_vote(vote)
+        self.merge_rule_name = merge_rule if isinstance(merge_rule, str) else repr(self.rule)
         self.mask_update_interval = mask_update_interval
         self.mask_update_end_round = mask_update_end_round
         self.max_density_tolerance = max_density_tolerance
@@ -163,7 +173,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
             self.density,
             self.distribution,
             self.merge_rule_name,
-            self.vote,
+            self.vote_name,
             self.mask_update_interval,
         )
         log(INFO, "\t├──> Codec: upload %s | download %s", self.upload_dtype, self.download_dtype)
@@ -350,7 +360,8 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         mask_changed = 0
         arrays: ArrayRecord | None = None
         if accepted:
-            merged = self.merge_rule(accepted, previous)
+            rnd = RoundInput(server_round, dict(mask), previous, accepted)
+            merged = self.rule.aggregate(rnd)
             bad = [k for k in previous if k not in merged or merged[k].shape != previous[k].shape]
             if bad or set(merged) != set(previous):
                 raise ValueError(
@@ -361,10 +372,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
                 self._reject_round(server_round, problem, metrics)
             else:
                 if self._mask_round(server_round):
-                    if self.vote == "robust":
-                        new_mask = robust_consensus_mask(accepted, self.target_densities, mask)
-                    else:
-                        new_mask = consensus_mask(accepted, self.target_densities, merged)
+                    new_mask = self._next_mask(rnd, merged)
                     if any(not torch.equal(new_mask[k], mask[k]) for k in mask):
                         self.mask = new_mask
                         self.mask_version += 1
@@ -385,6 +393,21 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         metrics["mask_changed"] = mask_changed
         self.last_train_metrics = metrics  # read by the server's per-round recorder
         return arrays, metrics
+
+    def _next_mask(self, rnd: RoundInput, merged: dict[str, torch.Tensor]) -> Mask:
+        """The rule's proposal if it makes one, else the vote; checked against the mask."""
+        proposed = self.rule.propose_mask(rnd, merged, self.target_densities)
+        new = proposed if proposed is not None else self.vote(rnd, merged, self.target_densities)
+        for k, m in rnd.mask.items():
+            got = new.get(k)
+            if got is None or got.dtype != torch.bool or got.shape != m.shape:
+                raise ValueError(
+                    f"mask rule {self.merge_rule_name}: entry {k!r} missing or not a bool "
+                    f"tensor of shape {tuple(m.shape)}"
+                )
+        if set(new) != set(rnd.mask):
+            raise ValueError(f"mask rule {self.merge_rule_name}: keys differ from the mask")
+        return {k: new[k] for k in rnd.mask}
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

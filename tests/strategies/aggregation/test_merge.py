@@ -11,17 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strategies.aggregation.merge import (
-    MERGE_RULES,
     ClientUpdate,
-    TrimmedMean,
     consensus_mask,
     coordinate_median,
-    get_merge_rule,
     masked_weighted_mean,
-    register_merge_rule,
     stack_kept,
     trimmed_mean,
 )
+from strategies.aggregation.rules import MERGE_RULES, RoundInput, as_rule, build_rule
 
 
 def _upd(node: int, values: dict, mask: dict, n: int = 1) -> ClientUpdate:
@@ -82,7 +79,7 @@ def test_merge_input_errors() -> None:
     with pytest.raises(ValueError, match="beta"):
         trimmed_mean([_upd(1, {"w": [0.0, 0.0]}, {})], prev, beta=0.5)
     with pytest.raises(ValueError, match="unknown merge rule"):
-        get_merge_rule("no-such-rule")
+        build_rule("no-such-rule")
 
 
 def test_median_exact() -> None:
@@ -104,7 +101,7 @@ def test_trimmed_mean_exact() -> None:
     out = trimmed_mean(ups, prev, beta=0.2)
     # coord 0: c=5, t=1 -> mean(2,3,4) = 3; coord 1: kept by i in {1,3} -> c=2, t=0 -> (2+4)/2.
     assert out["w"].tolist() == [3.0, 3.0]
-    assert TrimmedMean(0.0)(ups, prev)["w"].tolist() == [22.0, 3.0]
+    assert build_rule("trimmed-mean", {"trim": 0.0}).fn(ups, prev)["w"].tolist() == [22.0, 3.0]  # type: ignore[attr-defined]
 
 
 def test_consensus_mask_votes_and_ties() -> None:
@@ -165,7 +162,7 @@ def test_identical_updates_merge_to_identity(nclients: int, seed: int, rule: str
     vals["w"] = vals["w"] * mask["w"]
     ups = [ClientUpdate(i, dict(vals), dict(mask), i + 1) for i in range(nclients)]
     prev = {"w": vals["w"].clone(), "b": torch.zeros(4)}
-    out = get_merge_rule(rule)(ups, prev)
+    out = build_rule(rule).aggregate(RoundInput(1, mask, prev, ups))
     assert torch.allclose(out["w"], vals["w"], atol=1e-6)
     assert torch.allclose(out["b"], vals["b"], atol=1e-6)
 
@@ -192,14 +189,15 @@ class ClippedMean:
 
 def test_custom_rule_and_registry() -> None:
     rule = ClippedMean(1.0)
-    assert get_merge_rule(rule) is rule
+    assert as_rule(rule).fn is rule  # type: ignore[attr-defined]
     ups = [_upd(1, {"w": [5.0, 0.5]}, {}), _upd(2, {"w": [-0.5, 0.5]}, {})]
     assert rule(ups, {"w": torch.zeros(2)})["w"].tolist() == [0.25, 0.5]
-    register_merge_rule("clipped-test", lambda o: ClippedMean(o.trim))
-    try:
-        assert isinstance(get_merge_rule("clipped-test", trim=2.0), ClippedMean)
+    MERGE_RULES.register("clipped-test", ClippedMean)
+    try:  # a class is a factory: its options are its constructor's keyword arguments
+        built = build_rule("clipped-test", {"c": 2.0})
+        assert isinstance(built.fn, ClippedMean) and built.fn.c == 2.0  # type: ignore[attr-defined]
         with pytest.raises(ValueError, match="already registered"):
-            register_merge_rule("clipped-test", lambda o: ClippedMean(o.trim))
+            MERGE_RULES.register("clipped-test", lambda: ClippedMean(1.0))
     finally:
-        MERGE_RULES.pop("clipped-test")
-    assert set(MERGE_RULES) >= {"mean", "median", "trimmed-mean"}
+        MERGE_RULES._builtins.pop("clipped-test")
+    assert set(MERGE_RULES.names()) >= {"mean", "median", "trimmed-mean", "fedadam"}

@@ -18,9 +18,9 @@ from strategies.aggregation.merge import (
     MergeOptions,
     consensus_mask,
     coordinate_median,
-    get_merge_rule,
     trimmed_mean,
 )
+from strategies.aggregation.rules import get_merge_rule
 from strategies.aggregation.robust import (
     ClippedMedian,
     bulyan,
