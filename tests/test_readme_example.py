@@ -24,4 +24,4 @@ def test_custom_rule_example_is_short_and_runs(capsys) -> None:
     acc = float(out.split(":")[-1])
     assert 0.0 <= acc <= 1.0
     # The user's rule really was the one used: the strategy holds it.
-    assert namespace["strategy"].merge_rule is namespace["clipped_mean"]  # type: ignore[attr-defined]
+    assert namespace["strategy"].rule.fn is namespace["clipped_mean"]  # type: ignore[attr-defined]

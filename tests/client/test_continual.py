@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -230,5 +231,6 @@ def test_shipped_scenarios_are_the_default_builder(monkeypatch) -> None:
     ],
 )
 def test_bad_cl_config_names_the_key(change: dict[str, object], key: str) -> None:
+    values = dataclasses.replace(TINY, **change).to_run_config()  # not validated yet
     with pytest.raises(ConfigError, match=key):
-        TINY.replace(**change)
+        LeanfedConfig.from_run_config(values)
