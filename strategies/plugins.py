@@ -128,7 +128,7 @@ class Registry(Generic[T]):
                 ) from exc
         known = ", ".join(self.names())
         raise PluginError(
-            f"unknown {self.kind} {spec!r} ({self.key}); known: {known}; or name your own as "
+            f"{self.key} = {spec!r}: unknown {self.kind}; known: {known}; or name your own as "
             f"'package.module:attr' (or an entry point in group {self.group!r})"
         )
 

@@ -25,9 +25,9 @@ import torch
 
 from strategies.aggregation.merge import (
     ClientUpdate,
+    Median,
     MergeOptions,
     MergeRule,
-    Median,
     TrimmedMean,
     consensus_mask,
     masked_weighted_mean,
@@ -129,17 +129,23 @@ MERGE_RULES: Registry[Any] = Registry(
 )
 MERGE_RULES.register("mean", RunRule(lambda o: masked_weighted_mean))
 MERGE_RULES.register("median", RunRule(lambda o: Median(o.support)))
-MERGE_RULES.register("trimmed-mean", RunRule(lambda o: TrimmedMean(o.trim, o.num_malicious, o.support)))
+MERGE_RULES.register(
+    "trimmed-mean", RunRule(lambda o: TrimmedMean(o.trim, o.num_malicious, o.support))
+)
 for _name in ("clipped-median", "krum", "multi-krum", "bulyan"):
     MERGE_RULES.register(_name, RunRule(robust_factory(_name)))
 
 
-def weighted_vote(rnd: RoundInput, merged: dict[str, torch.Tensor], targets: dict[str, float]) -> Mask:
+def weighted_vote(
+    rnd: RoundInput, merged: dict[str, torch.Tensor], targets: dict[str, float]
+) -> Mask:
     """FedDST: examples-weighted mask votes, top-k per layer, ties by |merged value|."""
     return consensus_mask(rnd.updates, targets, merged)
 
 
-def robust_vote(rnd: RoundInput, merged: dict[str, torch.Tensor], targets: dict[str, float]) -> Mask:
+def robust_vote(
+    rnd: RoundInput, merged: dict[str, torch.Tensor], targets: dict[str, float]
+) -> Mask:
     """Capped vote weights, ties by the previous consensus mask (strategies.aggregation.robust)."""
     return robust_consensus_mask(rnd.updates, targets, rnd.mask)
 

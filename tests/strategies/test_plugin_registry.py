@@ -72,7 +72,7 @@ def test_entry_points_builtins_and_unknown(user_pkg: Path) -> None:
     assert reg.names()[0] == "tiny" and "demo-net" in reg.names()
     with pytest.raises(PluginError, match="entry point 'my_plugins_mod:nothing_here'"):
         reg.resolve("broken")
-    with pytest.raises(PluginError, match="unknown model 'nope'.*tiny.*demo-net"):
+    with pytest.raises(PluginError, match="model = 'nope': unknown model.*tiny.*demo-net"):
         reg.resolve("nope")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("tiny", "other")

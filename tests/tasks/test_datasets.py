@@ -49,7 +49,7 @@ def test_digits_and_breast_cancer() -> None:
 
 
 def test_unknown_name() -> None:
-    with pytest.raises(DatasetError, match="unknown dataset 'cifar'.*mnist5k"):
+    with pytest.raises(DatasetError, match="dataset = 'cifar': unknown dataset.*mnist5k"):
         load_dataset("cifar")
 
 

@@ -62,7 +62,7 @@ def test_grid_edges_8_neighbour() -> None:
 
 
 def test_errors_and_defaults() -> None:
-    with pytest.raises(ModelError, match="unknown model 'resnet'"):
+    with pytest.raises(ModelError, match="model = 'resnet': unknown model"):
         build_model("resnet", (1, 8, 8), 10)
     with pytest.raises(ModelError, match=r"cnn: expected an image input_shape \(C, H, W\)"):
         build_model("cnn", (30,), 2)

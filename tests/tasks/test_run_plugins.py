@@ -42,7 +42,7 @@ def test_user_model_dataset_and_options_round_trip() -> None:
         ({"model.options.hidden": "big"}, "model.options.hidden = 'big': expected int"),
         ({"model": "examples.my_plugins:nope"}, "has no attribute 'nope'"),
         ({"model": "no_such_mod_q:f"}, "no module named 'no_such_mod_q'"),
-        ({"model": "resnet"}, "unknown model 'resnet'"),
+        ({"model": "resnet"}, "model = 'resnet': unknown model"),
         ({"dataset.options.colour": 1}, "dataset.options"),
         ({"cl.options.split": 1}, "cl.options.* need a continual scenario"),
         ({"aggregation.rule": "fedadam", "aggregation.options.beta": 0.9}, "does not accept"),
