@@ -11,7 +11,7 @@ import torch
 from tasks.config import LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.partition import make_partition
-from tasks.plugins import frozen_options
+from tasks.plugins import frozen_options, site_options
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def local_data(cfg: LeanfedConfig, node_config: dict[str, bool | float | int | s
     if "data-path" in node_config:
         path = str(node_config["data-path"])
         kind = "csv" if path.endswith(".csv") else "npz"
-        ds = load_dataset(f"{kind}:{path}", seed=cfg.seed)
+        ds = load_dataset(f"{kind}:{path}", seed=cfg.seed, options=site_options(cfg, kind))
         x, y = ds.x_train, ds.y_train
     else:
         if "partition-id" not in node_config:

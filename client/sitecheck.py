@@ -16,6 +16,7 @@ import numpy as np
 
 from tasks.config import LeanfedConfig
 from tasks.datasets import Dataset, DatasetError, load_dataset
+from tasks.plugins import run_dataset, site_options
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # 2 GiB of arrays: far above any site file leanfed expects
 
@@ -80,8 +81,9 @@ def check_site_data(
         _npz_headers(p, max_bytes)
     elif p.stat().st_size > max_bytes:
         raise SiteDataError(f"{p}: {p.stat().st_size / 1e9:.1f} GB is above the size limit")
-    site: Dataset = load_dataset(f"{kind}:{p}", seed=cfg.seed)  # the ClientApp's own loader
-    reference = load_dataset(cfg.dataset, seed=cfg.seed)  # what the server builds the model for
+    # The ClientApp's own loader (with the run's csv/npz options when the run uses that kind).
+    site: Dataset = load_dataset(f"{kind}:{p}", seed=cfg.seed, options=site_options(cfg, kind))
+    reference = run_dataset(cfg)  # what the server builds the model for
     if tuple(site.input_shape) != tuple(reference.input_shape):
         raise SiteDataError(
             f"{p}: examples have shape {tuple(site.input_shape)}, the run's dataset "

@@ -43,6 +43,12 @@ def run_dataset(cfg: LeanfedConfig, loader: Callable[..., Dataset] = load_datase
     return loader(cfg.dataset, cfg.seed, frozen_options(cfg, "dataset"))
 
 
+def site_options(cfg: LeanfedConfig, kind: str) -> dict[str, OptionValue]:
+    """A site's own csv/npz file is read with the run's ``dataset.options.*`` (delimiter,
+    label column) when the run's dataset is a file of the same kind, else with defaults."""
+    return cfg.options("dataset") if cfg.dataset.startswith(f"{kind}:") else {}
+
+
 def run_model(
     cfg: LeanfedConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> torch.nn.Module:
