@@ -8,8 +8,6 @@ fixed port behind. The Ray backend is held to the 2 CPUs of the test machine thr
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,11 +26,8 @@ RUN_TIMEOUT_S = 180.0
 
 
 def _flower_installed() -> bool:
-    bin_dir = Path(sys.executable).parent
-    return all(
-        (bin_dir / exe).exists() or shutil.which(exe) is not None
-        for exe in ("flwr", "flower-superlink", "flower-superexec", "flwr-simulation")
-    )
+    sim = ("flwr", "flower-superlink", "flower-superexec", "flwr-simulation")
+    return flower.flower_installed(sim)
 
 
 def run_simulation(

@@ -78,6 +78,15 @@ def write_connection(
 
 
 
+SERVER_EXECUTABLES = ("flwr", "flower-superlink", "flower-supernode", "flower-superexec")
+
+
+def flower_installed(executables: tuple[str, ...] = SERVER_EXECUTABLES) -> bool:
+    """Whether Flower's command-line programs are installed (beside this interpreter or on PATH)."""
+    bin_dir = Path(sys.executable).parent
+    return all((bin_dir / exe).exists() or shutil.which(exe) is not None for exe in executables)
+
+
 def flwr_env(flwr_home: Path | str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: ``base`` (default os.environ) + offline flags."""
     env = dict(os.environ if base is None else base)

@@ -11,9 +11,7 @@ own session and stopped by pid in ``finally``.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +36,7 @@ RUN_TIMEOUT_S = 180.0
 
 
 def _flower_installed() -> bool:
-    bin_dir = Path(sys.executable).parent
-    return all(
-        (bin_dir / exe).exists() or shutil.which(exe) is not None
-        for exe in ("flwr", "flower-superlink", "flower-supernode", "flower-superexec")
-    )
+    return flower.flower_installed()
 
 
 def write_site_files(out: Path, dataset: str, sites: int) -> list[Path]:

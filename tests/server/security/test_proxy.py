@@ -10,10 +10,8 @@ registered SuperNode connects through it and comes online.
 from __future__ import annotations
 
 import json
-import shutil
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -82,10 +80,7 @@ def _nodes(env: dict[str, str]) -> list[dict[str, str]]:
 @needs_nginx
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(
-    shutil.which("flwr") is None and not (Path(sys.executable).parent / "flwr").exists(),
-    reason="Flower CLI not installed",
-)
+@pytest.mark.skipif(not flower.flower_installed(), reason="Flower CLI not installed")
 def test_sites_reach_fleet_only(tmp_path: Path) -> None:
     assert NGINX is not None
     tls = generate_tls(tmp_path / "certs")

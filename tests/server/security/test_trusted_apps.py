@@ -11,8 +11,6 @@ signed by a foreign key. The last two must be refused before any of their code r
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -169,11 +167,7 @@ def test_sign_app_dir_and_trusted_entities(tmp_path: Path, keys: dict[str, Path]
 
 
 def _flower_installed() -> bool:
-    bin_dir = Path(sys.executable).parent
-    return all(
-        (bin_dir / exe).exists() or shutil.which(exe) is not None
-        for exe in ("flwr", "flower-superlink", "flower-supernode", "flower-superexec")
-    )
+    return flower.flower_installed()
 
 
 def _run(app: str, work: Path, env: dict[str, str], tag: str) -> str:
