@@ -112,6 +112,7 @@ def test_sites_reach_fleet_only(tmp_path: Path) -> None:
         # A site-side client, through the proxy: no Control API at all.
         assert _post(f"https://{proxied}/v1/control/list-runs", tls.ca_cert) == 403
         assert _post(f"https://{proxied}/v1/control/register-node", tls.ca_cert) == 403
+        assert _post(f"https://{proxied}/v1/control/start-run", tls.ca_cert) == 403
         assert _post(f"https://{proxied}/v1/runtime/pull-messages", tls.ca_cert) == 403
         assert _post(f"https://{proxied}/docs", tls.ca_cert) == 403
         ls = _flwr(["ls", "site"], env)
