@@ -19,7 +19,8 @@ from rich.table import Table
 
 from server.security.audit import audit_trail
 from server.security.checkpoints import signature_status
-from server.security.signing import verifier_from
+from server.security.exports import check_export, sign_export
+from server.security.signing import is_private_key_file, key_path, load_signer, verifier_from
 from server.store import RunInfo, RunStore, StoreError, resolve_db_url
 from simulations.edge import new_app, print_error
 
@@ -251,18 +252,29 @@ def export(
     ] = None,
     fmt: Annotated[ExportFormat, typer.Option("--format")] = ExportFormat.torchscript,
     db: DbOption = None,
+    signing_key: KeyOption = None,
 ) -> None:
-    """Export the condensed global model, its mask and a model card from a run's checkpoint."""
+    """Export the condensed global model, its mask and a model card from a run's checkpoint.
+
+    The run's checkpoint signatures are checked first (same policy as resume); with a
+    private signing key the exported folder is signed (SIGNATURE.json).
+    """
     from server.export import export_model  # torch.jit / onnx only when exporting
 
     with _open(db) as store:
-        full_id = store.resolve_run_id(run_id)
+        full_id = _resolve(store, run_id)
+        verifier = verifier_from(signing_key)
+        check_export(store, full_id, verifier)
         res = export_model(store, full_id, out, round=round, fmt=fmt.value)
+    signed = ""
+    path = key_path(signing_key)
+    if path is not None and is_private_key_file(path):
+        signed = f"; signed {sign_export(out, load_signer(path)).name}"
     card = res.card
     Console(highlight=False).print(
         f"wrote {res.model_path} (round {card['round']}, accuracy {100 * card['accuracy']:.2f}%, "
         f"{card['params_condensed']:,} of {card['params_dense']:,} parameters), "
-        f"{res.mask_path.name}, {res.card_path.name}"
+        f"{res.mask_path.name}, {res.card_path.name}{signed or '; unsigned (no private key)'}"
     )
 
 

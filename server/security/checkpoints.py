@@ -98,26 +98,32 @@ def run_is_signed(store: RunStore, run_id: str) -> bool:
     return any(c.signature is not None for c in store.checkpoint_signatures(run_id))
 
 
-def check_resume(store: RunStore, run_id: str, verifier: Verifier | None) -> None:
-    """Apply the policy above before anything of a stored run is deserialized."""
+def check_resume(
+    store: RunStore, run_id: str, verifier: Verifier | None, action: str = "resuming"
+) -> None:
+    """Apply the policy above before anything of a stored run is deserialized.
+
+    ``action`` names what is refused in the message ("resuming", "exporting").
+    """
     signed = run_is_signed(store, run_id)
     if verifier is None:
         if signed:
             key = store.get_run(run_id).signing_key_id or "a key"
             raise SignatureError(
                 f"run {run_id} is signed by {key}; pass --signing-key or set "
-                "LEANFED_SIGNING_KEY to verify it before resuming"
+                f"LEANFED_SIGNING_KEY to verify it before {action}"
             )
         if store.has_signed_checkpoints():
             raise SignatureError(
                 f"run {run_id} is unsigned but this store holds signed runs (signatures may "
-                "have been stripped); resume it with --signing-key only after checking it"
+                f"have been stripped); refusing {action} it without checking it"
             )
         return
     if not signed:
         raise SignatureError(
             f"run {run_id} was recorded unsigned; a signing key would vouch for state nobody "
-            "signed: resume it without a key"
+            f"signed; refusing {action} it with a key (leave --signing-key and "
+            "LEANFED_SIGNING_KEY unset)"
         )
     verify_run(store, run_id, verifier)
 

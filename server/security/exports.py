@@ -27,7 +27,7 @@ MAX_SIGNATURE_FILE = 1 << 20  # a manifest of a few files is < 4 KB
 
 def check_export(store: RunStore, run_id: str, verifier: Verifier | None) -> None:
     """Refuse to export a run whose checkpoints do not verify (same policy as resume)."""
-    check_resume(store, run_id, verifier)
+    check_resume(store, run_id, verifier, action="exporting")
 
 
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:

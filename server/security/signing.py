@@ -168,6 +168,11 @@ def _load_private(path: Path, data: bytes) -> ed25519.Ed25519PrivateKey:
     return key
 
 
+def is_private_key_file(path: Path | str) -> bool:
+    """Whether ``path`` holds a private key (it may instead hold only the public key)."""
+    return _is_private(_read_key_file(Path(path).expanduser()))
+
+
 def load_signer(path: Path | str) -> Signer:
     """The private key at ``path`` (OpenSSH or PKCS8 PEM, Ed25519, mode 0600)."""
     p = Path(path).expanduser()

@@ -170,3 +170,22 @@ def test_unsigned_run_in_store_with_signed_runs_is_refused(
         unsigned = next(r.id for r in store.list_runs() if r.id != signed["run"])
     _sql(db, "UPDATE runs SET status = 'interrupted' WHERE id = ?", unsigned)
     _refused(*_resume(db, unsigned), "holds signed runs")
+
+
+def test_export_verifies_the_run_and_signs_its_output(
+    signed: dict[str, Path | str], db: Path, tmp_path: Path
+) -> None:
+    from server.security.exports import verify_export
+    from server.security.signing import load_verifier
+
+    run, key = str(signed["run"]), str(signed["key"])
+    out = tmp_path / "export"
+    code, text = _cli("export", run, "--db", str(db), "--out", str(out), "--signing-key", key)
+    assert code == 0 and "signed SIGNATURE.json" in text, text
+    assert verify_export(out, load_verifier(Path(str(signed["pub"])))) >= 3
+    _refused(*_cli("export", run, "--db", str(db), "--out", str(tmp_path / "e2")),
+             "before exporting")
+    _sql(db, "UPDATE client_results SET accepted = 0 WHERE round = 2")
+    _refused(*_cli("export", run, "--db", str(db), "--out", str(tmp_path / "e3"),
+                   "--signing-key", key), "does not match")
+    assert not (tmp_path / "e3").exists()
