@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -287,3 +288,57 @@ def _make_run(run_id: int, config: dict[str, bool | float | int | str]) -> Run:
         bytes_recv=0,
         clientapp_runtime=0.0,
     )
+
+
+class DropoutGrid(InProcessGrid):
+    """An InProcessGrid whose nodes vanish mid-round: some replies of one message type are lost.
+
+    Every batch of ``message_type`` messages loses the replies of ``drop_nodes`` plus a seeded
+    ``drop_fraction`` of its destinations, as a timeout would (the clients still ran). With
+    ``record`` every reply that does reach the server is kept in ``received``.
+    """
+
+    def __init__(  # noqa: PLR0913 - InProcessGrid's arguments plus the fault model
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        *,
+        drop_fraction: float = 0.0,
+        drop_nodes: Iterable[int] = (),
+        message_type: str = "train",
+        record: bool = False,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(client_app, num_nodes, **kwargs)
+        if not 0.0 <= drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+        self.drop_fraction, self.drop_nodes = drop_fraction, set(drop_nodes)
+        self.message_type, self.record = message_type, record
+        self.received: list[Message] = []
+        self.lost: list[int] = []  # node ids whose replies were lost, in order
+        self._rng = random.Random(seed)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        targets = sorted(
+            {
+                m.metadata.dst_node_id
+                for m in messages
+                if m.metadata.message_type == self.message_type
+            }
+        )
+        lose = self.drop_nodes & set(targets)
+        if targets and self.drop_fraction > 0:
+            lose |= set(self._rng.sample(targets, int(self.drop_fraction * len(targets))))
+        self.lost += sorted(lose)
+        replies = [
+            r
+            for r in super().send_and_receive(messages, timeout=timeout)
+            if not (r.metadata.message_type == self.message_type and r.metadata.src_node_id in lose)
+        ]
+        if self.record:
+            self.received.extend(replies)
+        return replies

@@ -1,8 +1,7 @@
-"""SecAgg+ end to end: the real ClientApp on the in-process Grid, every server-side reply tapped."""
+"""SecAgg+ end to end: the real ClientApp on the in-process Grid, every reply to the server kept."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ from flwr.app import Message
 
 from client.app import app as client_app
 from server.runner import RunSummary, run_federated
-from simulations.grid import InProcessGrid, quiet_flower
+from simulations.grid import DropoutGrid, quiet_flower
 from strategies.aggregation.merge import ClientUpdate, masked_weighted_mean
 from strategies.aggregation.secagg import SecAggSparseFedAvg
 from strategies.aggregation.wire import decode_reply
@@ -36,51 +35,36 @@ CFG = LeanfedConfig(
 BOUND = error_bound(CFG.secure_clip, CFG.secure_quant_bits)
 
 
-class TapGrid(InProcessGrid):
-    """Keeps every reply the server receives; loses the train replies of `drop` (timeouts)."""
-
-    def __init__(self, cfg: LeanfedConfig, drop: int = 0) -> None:
-        super().__init__(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
-        self.drop = set(self.node_ids[:drop])
-        self.seen: list[Message] = []
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = [
-            r
-            for r in super().send_and_receive(messages, timeout=timeout)
-            if not (r.metadata.message_type == "train" and r.metadata.src_node_id in self.drop)
-        ]
-        self.seen.extend(replies)
-        return replies
-
-
-def _run(cfg: LeanfedConfig, drop: int = 0) -> tuple[TapGrid, Any, RunSummary]:
+def _run(cfg: LeanfedConfig, drop: int = 0) -> tuple[DropoutGrid, Any, RunSummary]:
+    """One round; the train replies (masked inputs) of `drop` nodes are lost after key sharing."""
     quiet_flower()
-    grid = TapGrid(cfg, drop)
+    n = cfg.num_partitions
+    grid = DropoutGrid(client_app, n, run_config=cfg.to_run_config(), record=True)
+    grid.drop_nodes = set(grid.node_ids[:drop])
     held: dict[str, Any] = {}
     summary = run_federated(grid, cfg, on_round=lambda rec, s, a: held.setdefault("s", s))
     return grid, held["s"], summary
 
 
 @pytest.fixture(scope="module")
-def plain() -> tuple[TapGrid, Any, RunSummary]:
+def plain() -> tuple[DropoutGrid, Any, RunSummary]:
     return _run(CFG)
 
 
 @pytest.fixture(scope="module")
-def secure() -> tuple[TapGrid, Any, RunSummary]:
+def secure() -> tuple[DropoutGrid, Any, RunSummary]:
     return _run(CFG.replace(secure_mode="secagg"))
 
 
-def _updates(plain: tuple[TapGrid, Any, RunSummary], keep: set[int]) -> list[ClientUpdate]:
+def _updates(plain: tuple[DropoutGrid, Any, RunSummary], keep: set[int]) -> list[ClientUpdate]:
     grid, strategy, _ = plain
-    train = [m for m in grid.seen if m.metadata.message_type == "train"]
+    train = [m for m in grid.received if m.metadata.message_type == "train"]
     return [decode_reply(m, strategy.mask) for m in train if m.metadata.src_node_id in keep]
 
 
-def _expected(plain: tuple[TapGrid, Any, RunSummary], keep: set[int]) -> dict[str, torch.Tensor]:
+def _expected(
+    plain: tuple[DropoutGrid, Any, RunSummary], keep: set[int]
+) -> dict[str, torch.Tensor]:
     _, strategy, _ = plain
     g, mask = strategy._global, strategy.mask
     on_m = [
@@ -123,13 +107,13 @@ def _payloads(msg: Message) -> list[bytes]:
 
 def test_no_reply_the_server_receives_decodes_to_a_client_plaintext(plain, secure) -> None:
     grid, strategy, _ = secure
-    assert grid.seen and {m.metadata.message_type for m in grid.seen} >= {
+    assert grid.received and {m.metadata.message_type for m in grid.received} >= {
         "query.secagg_advertise",
         "query.secagg_share",
         "train",
         "query.secagg_unmask",
     }
-    for msg in grid.seen:  # no model arrays, no metrics: only key material and masked vectors
+    for msg in grid.received:  # no model arrays, no metrics: only key material and masked vectors
         assert not msg.content.array_records and not msg.content.metric_records
     _, pstrat, _ = plain
     g, mask = pstrat._global, pstrat.mask
@@ -138,7 +122,7 @@ def test_no_reply_the_server_receives_decodes_to_a_client_plaintext(plain, secur
         floats, mask, False, CFG.secure_clip, CFG.secure_quant_bits, CFG.secure_max_weight, 5
     )
     layout = plan.layout()
-    payloads = [p for m in grid.seen for p in _payloads(m)]
+    payloads = [p for m in grid.received for p in _payloads(m)]
     assert sum(len(p) == layout.packed_bytes for p in payloads) == 5
     for u in _updates(plain, set(grid.node_ids)):
         x = layout.split(plan.encode(g, u.values, u.mask, u.num_examples, 0.0))["values"]
@@ -157,7 +141,7 @@ def test_dropouts_up_to_n_minus_t_after_key_sharing_complete_the_round(plain, dr
     metrics = summary.rounds[0].metrics
     assert metrics["secagg_aborted"] == 0 and metrics["num_accepted"] == 3
     assert metrics["secure_dropped"] == 2
-    _assert_close(summary, _expected(plain, set(grid.node_ids) - grid.drop))
+    _assert_close(summary, _expected(plain, set(grid.node_ids) - grid.drop_nodes))
     rows = strategy.round_clients[1]
     assert sorted(r["accepted"] for r in rows) == [False, False, True, True, True]
     assert {r["reason"] for r in rows if not r["accepted"]} == {
@@ -178,7 +162,7 @@ def test_fewer_than_t_survivors_abort_cleanly_and_record_why(plain) -> None:
     assert summary.final_state is None
     assert summary.rounds[0].accuracy == summary.initial_accuracy
     # no unmask request went out: the survivors were never asked for shares
-    assert not any(m.metadata.message_type == "query.secagg_unmask" for m in grid.seen)
+    assert not any(m.metadata.message_type == "query.secagg_unmask" for m in grid.received)
 
 
 def test_secagg_needs_the_sparse_mean() -> None:

@@ -1,0 +1,53 @@
+"""The privacy benchmark's quick variant writes complete rows in the issue's schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from simulations.bench_privacy import neighbours_for, run_bench
+
+REQUIRED = {
+    "mode",
+    "clients",
+    "density",
+    "epsilon",
+    "delta",
+    "final_accuracy",
+    "upload_bytes",
+    "download_bytes",
+    "round_wall_s",
+    "seed",
+    "dropout",
+    "upload_ratio",
+    "aborted_rounds",
+}
+
+
+def test_quick_privacy_bench(tmp_path: Path) -> None:
+    rows = run_bench(tmp_path, seed=1, rounds=2, quick=True, dataset="digits")
+    assert rows == json.loads((tmp_path / "results.json").read_text())
+    assert [(r["mode"], r["clients"], r["dropout"]) for r in rows] == [
+        ("plain", 4, 0.0),
+        ("secagg", 4, 0.0),
+        ("secagg", 4, 0.3),
+    ]
+    for r in rows:
+        assert set(r) >= REQUIRED
+        assert r["epsilon"] is None and r["delta"] is None and r["seed"] == 1
+        assert r["density"] == 0.1 and len(r["round_wall_s"]) == 2
+        assert 0.0 <= r["final_accuracy"] <= 1.0
+        assert isinstance(r["upload_bytes"], int) and r["upload_bytes"] > 0
+        assert r["aborted_rounds"] == 0
+    plain, secure, dropped = rows
+    assert plain["upload_ratio"] == 1.0
+    # 4 clients: 16 + ceil(log2(4 * 4096)) = 30-bit values vs fp32, plus small key stages
+    assert 0.9 < secure["upload_ratio"] < 1.5
+    assert secure["accepted_per_round"] == [4, 4] and dropped["accepted_per_round"] == [3, 3]
+    assert (tmp_path / "upload_bytes.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["targets"]) == {"secagg-4-dropout-0.0", "secagg-4-dropout-0.3"}
+
+
+def test_graph_degree_grows_with_log_n() -> None:
+    assert neighbours_for(10) == 0 and neighbours_for(100) == 20
