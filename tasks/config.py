@@ -258,11 +258,14 @@ class LeanfedConfig:
         need(1 <= self.secure_max_weight <= 2**20, "secure.max-weight", "must be in [1, 2^20]")
         need(self.secure_neighbors >= 0, "secure.neighbors", "must be >= 0")
         if self.secure_mode == "secagg" and (
-            self.strategy != "sparse" or self.aggregation_rule != "mean"
+            self.strategy != "sparse"
+            or self.aggregation_rule != "mean"
+            or self.aggregation_vote != "weighted"
         ):
             raise ConfigError(
-                "secure.mode = 'secagg' sums updates securely: it needs strategy = 'sparse' "
-                "and aggregation.rule = 'mean'"
+                "secure.mode = 'secagg' sums updates securely: it needs strategy = 'sparse', "
+                "aggregation.rule = 'mean' and aggregation.vote = 'weighted' (votes are "
+                "then counted per client)"
             )
         if self.strategy == "flower-fedavg":
             self._check_dense_baseline()

@@ -15,6 +15,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "strategies": {"client", "server", "simulations", "tasks"},
     "strategies.sparse": {"flwr", "client", "server", "simulations", "tasks"},
     "strategies.continual": {"flwr", "client", "server", "simulations", "tasks"},
+    "strategies.secure": {"flwr", "client", "server", "simulations", "tasks"},
     "tasks": {"client", "server", "simulations"},
     "client": {"server", "simulations"},
     "server": {"client", "simulations"},
