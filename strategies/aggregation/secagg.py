@@ -85,6 +85,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
         self.aborts: list[dict[str, int | str]] = []
         self._grid: Grid | None = None
         self._round: _Round | None = None
+        self._inbox: dict[int, dict[int, bytes]] = {}  # dst -> src -> ciphertext, this round
 
     def summary(self) -> None:
         """Log the secure-aggregation settings, then SparseFedAvg's summary."""
@@ -160,7 +161,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
             )
             for node in u0
         }
-        self._inbox: dict[int, dict[int, bytes]] = {node: {} for node in u0}
+        self._inbox = {node: {} for node in u0}
         for node, rec in self._exchange(grid, rs, W.SHARE, records).items():
             neighbours = [j for j in rs.groups[node] if j != node]
             try:

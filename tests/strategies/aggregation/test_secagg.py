@@ -7,10 +7,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import Context, Message, RecordDict
 
 from client.app import app as client_app
+from server.app import app as server_app
 from server.runner import RunSummary, run_federated
+from server.store import RunStore
 from simulations.grid import DropoutGrid, quiet_flower
 from strategies.aggregation.merge import ClientUpdate, masked_weighted_mean
 from strategies.aggregation.secagg import SecAggSparseFedAvg
@@ -149,18 +151,28 @@ def test_dropouts_up_to_n_minus_t_after_key_sharing_complete_the_round(plain, dr
     }
 
 
-def test_fewer_than_t_survivors_abort_cleanly_and_record_why(plain) -> None:
-    grid, strategy, summary = _run(CFG.replace(secure_mode="secagg"), drop=3)
-    metrics = summary.rounds[0].metrics
-    assert metrics["secagg_aborted"] == 1 and metrics["num_accepted"] == 0
-    (abort,) = strategy.aborts
-    assert abort["round"] == 1 and "need 3 surviving" in str(abort["reason"])
-    rows = strategy.round_clients[1]
-    assert len(rows) == 5 and not any(r["accepted"] for r in rows)
-    assert all(str(r["reason"]).startswith("secure aggregation aborted") for r in rows)
-    # the previous global model is kept: no arrays came out, accuracy is the initial one
-    assert summary.final_state is None
-    assert summary.rounds[0].accuracy == summary.initial_accuracy
+def test_fewer_than_t_survivors_abort_cleanly_and_record_why(tmp_path, monkeypatch) -> None:
+    # The real ServerApp and run store: 3 of 5 masked inputs lost, t = 3, 2 survivors.
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    monkeypatch.setenv("LEANFED_DB_URL", url)
+    cfg = CFG.replace(secure_mode="secagg")
+    grid = DropoutGrid(client_app, 5, run_config=cfg.to_run_config(), record=True)
+    grid.drop_nodes = set(grid.node_ids[:3])
+    context = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_run_config()
+    )
+    server_app(grid, context)
+    with RunStore(url) as store:
+        (run,) = store.list_runs()
+        assert run.status == "completed"
+        (rnd,) = store.get_rounds(run.id)
+        assert rnd.metrics["secagg_aborted"] == 1 and rnd.metrics["num_accepted"] == 0
+        rows = store.get_client_results(run.id)
+    assert len(rows) == 5 and not any(r.accepted for r in rows)
+    reasons = [str(r.reason) for r in rows]
+    assert all(r.startswith("secure aggregation aborted: 2 of 5 nodes") for r in reasons)
+    assert all("need 3 surviving group members" in r for r in reasons)
+    assert sum("(dropped after key sharing" in r for r in reasons) == 3
     # no unmask request went out: the survivors were never asked for shares
     assert not any(m.metadata.message_type == "query.secagg_unmask" for m in grid.received)
 
