@@ -131,6 +131,7 @@ def run_bench(
     dropout: float = 0.3,
     quick: bool = False,
     dataset: str = "mnist5k",
+    local_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet_flower()
@@ -139,6 +140,8 @@ def run_bench(
     # 1-in-4 share of full rounds as a 30-round run (8 of 30).
     n_rounds = rounds if rounds is not None else (3 if quick else 4)
     base = base_config(dataset, seed, counts[0], n_rounds, 0.5, quick)
+    if local_steps is not None:  # bytes do not depend on it; accuracy and wall time do
+        base = base.replace(local_steps=local_steps)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for mode, clients, drop in arms(counts, dropout):
@@ -175,10 +178,11 @@ def register(bench_app: typer.Typer) -> None:
         rounds: Annotated[int | None, typer.Option("--rounds")] = None,
         dropout: Annotated[float, typer.Option("--dropout")] = 0.3,
         dataset: Annotated[str, typer.Option("--dataset")] = "mnist5k",
+        local_steps: Annotated[int | None, typer.Option("--local-steps")] = None,
         quick: Annotated[bool, typer.Option("--quick", help="tiny CI variant")] = False,
     ) -> None:
         """Secure aggregation vs plaintext: bytes each way, round time, accuracy, dropouts."""
-        rows = run_bench(out, seed, clients, rounds, dropout, quick, dataset)
+        rows = run_bench(out, seed, clients, rounds, dropout, quick, dataset, local_steps)
         for r in rows:
             console.print(
                 f"{r['mode']:7s} n={r['clients']:<4d} drop={r['dropout']:.1f}"
