@@ -87,7 +87,8 @@ def train(msg: Message, context: Context) -> Message:
         # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
         seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
         gen = torch.Generator().manual_seed(seed)
-        out = local_round(model, x, y, cfg, server_round, mask, gen)
+        mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))  # type: ignore[arg-type]
+        out = local_round(model, x, y, cfg, server_round, mask, gen, mu)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if msg.content.config_records["config"].get(secagg_wire.MODE_KEY) == "secagg":
         if out.mask is None:

@@ -77,8 +77,12 @@ def local_round(
     server_round: int,
     mask: Mask | None,
     generator: torch.Generator,
+    proximal_mu: float = 0.0,
 ) -> RoundOutcome:
     """Train ``local.steps`` steps; on readjustment rounds prune+regrow halfway through.
+
+    ``proximal_mu``: FedProx's client term, sent by the server as "proximal-mu" (as
+    Flower's FedProx does), anchored at the received global model for both halves.
 
     Readjusting at the midpoint (not at the end) lets the regrown weights train before
     upload instead of being sent as zeros.
@@ -86,7 +90,11 @@ def local_round(
     optimizer, controller = round_controller(model, cfg, mask, generator)
     fraction = readjust_fraction(cfg, server_round)
     first = cfg.local_steps if fraction is None else max(1, cfg.local_steps // 2)
-    res = train_steps(model, controller, optimizer, x, y, first, cfg.local_batch_size, generator)
+    params = model.named_parameters()
+    anchor = {k: v.detach().clone() for k, v in params} if proximal_mu else None
+    batch = cfg.local_batch_size
+    prox = (proximal_mu, anchor)
+    res = train_steps(model, controller, optimizer, x, y, first, batch, generator, *prox)
     losses, steps = [res.loss * res.steps], res.steps
     dropped = grown = 0
     if fraction is not None and mask is not None:
@@ -102,7 +110,7 @@ def local_round(
         rest = cfg.local_steps - first
         if rest > 0:
             res = train_steps(
-                model, controller, optimizer, x, y, rest, cfg.local_batch_size, generator
+                model, controller, optimizer, x, y, rest, batch, generator, *prox
             )
             losses.append(res.loss * res.steps)
             steps += res.steps

@@ -68,6 +68,8 @@ def train_steps(
     steps: int,
     batch_size: int,
     generator: torch.Generator,
+    proximal_mu: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``steps`` cross-entropy mini-batch steps on (x [N, ...], y [N]).
 
@@ -76,6 +78,9 @@ def train_steps(
     ``after_backward`` (RigL reads dense gradients, then masked gradients are zeroed)
     and ``step`` replaces ``optimizer.step`` (update, re-mask, prune/grow on schedule).
     ``controller=None`` trains densely with ``optimizer.step``.
+    ``proximal_mu > 0`` adds FedProx's term (Li et al. 2020) mu/2 * sum ||w - w_start||^2
+    around ``anchor`` (parameter name -> tensor; default: the weights at the start of this
+    call); the reported loss stays the plain cross-entropy.
     """
     _check_xy(x, y)
     if steps < 0:
@@ -86,6 +91,15 @@ def train_steps(
     if n == 0 and steps > 0:
         raise ValueError("cannot train on an empty dataset (x has 0 examples)")
     model.train()
+    pairs = (
+        [
+            (p, (anchor[n] if anchor is not None else p).detach().clone())
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        ]
+        if proximal_mu > 0
+        else []
+    )
     bs = min(batch_size, n)
     total_loss, dropped, grown = 0.0, 0, 0
     perm = torch.randperm(n, generator=generator)
@@ -99,7 +113,11 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         logits = model(x[idx])  # [bs, classes]
         loss = F.cross_entropy(logits, y[idx])
-        loss.backward()
+        objective = loss
+        if pairs:
+            prox = sum(((p - p0) ** 2).sum() for p, p0 in pairs)
+            objective = loss + 0.5 * proximal_mu * prox
+        objective.backward()
         if controller is None:
             optimizer.step()
         else:

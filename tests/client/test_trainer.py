@@ -90,3 +90,44 @@ def test_evaluate_restores_mode_and_bad_input() -> None:
         make_optimizer(model, "rmsprop", 0.1)
     with pytest.raises(ValueError, match="lr must be a positive"):
         make_optimizer(model, "sgd", 0.0)
+
+
+def test_fedprox_term_pulls_toward_the_anchor_exactly() -> None:
+    """One plain SGD step: w1 = w0 - lr (g_ce + mu (w0 - anchor)); with anchor = w0 + 1 the
+    proximal step differs from the mu = 0 step by exactly lr * mu on every weight."""
+    from client.trainer import train_steps
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1] * 4)
+    outs = []
+    for mu in (0.0, 2.0):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        anchor = {k: v.detach() + 1.0 for k, v in model.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        train_steps(model, None, opt, x, y, 1, 8, gen, proximal_mu=mu, anchor=anchor)
+        outs.append(model.weight.detach().clone())
+    assert torch.allclose(outs[1] - outs[0], torch.full_like(outs[0], 0.1 * 2.0), atol=1e-6)
+
+
+def test_proximal_mu_travels_like_flowers_fedprox() -> None:
+    """Flower's FedProx puts "proximal-mu" in the train config; leanfed's runner does the same,
+    so the ClientApp's term works under SparseFedAvg and Flower's FedAvg/FedProx alike."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedProx
+
+    from tests.strategies.aggregation.test_strategy import FakeGrid
+
+    strategy = FedProx(proximal_mu=0.3)
+    grid = FakeGrid([1, 2], lambda msg, held: msg)
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    msgs = strategy.configure_train(1, ArrayRecord({}), ConfigRecord(), grid)
+    assert all(m.content.config_records["config"]["proximal-mu"] == 0.3 for m in msgs)
+    import inspect
+
+    import server.runner as runner
+
+    assert '"proximal-mu": cfg.local_proximal_mu' in inspect.getsource(runner.run_federated)
