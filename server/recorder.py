@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import random
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,15 +18,19 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from server.runner import RoundRecord, build_strategy
+from server.runner import RoundRecord, _dataset, build_strategy, make_model
 from server.security.checkpoints import sign_round
 from server.security.signing import Signer
-from server.store import RunStore, StoreError
+from server.store import CheckpointCorruptError, RunStore, StoreError
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.sparse.masks import Mask, layer_densities, mask_from_bytes, mask_to_bytes
 from tasks.config import LeanfedConfig
+from tasks.plugins import run_dataset
 
-CHECKPOINT_FORMAT = 1
+# Format 2: no RNG state (the runner derives it from (seed, round)), so identical runs write
+# identical bytes. Format 1 (with py_random / torch_rng) is still read; its RNG is ignored.
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -53,13 +58,15 @@ def mask_from_blob(blob: bytes) -> Mask:
 def checkpoint_bytes(
     server_round: int, state: dict[str, torch.Tensor], strategy: Strategy
 ) -> bytes:
-    """Everything needed to continue bit-identically after ``server_round``."""
+    """Everything needed to continue bit-identically after ``server_round``.
+
+    Only run-owned, seeded state: the RNGs of the next round are derived from (seed, round)
+    by the runner, so two identical runs store byte-identical checkpoints.
+    """
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "round": server_round,
         "state": {k: v.detach().clone() for k, v in state.items()},
-        "py_random": random.getstate(),  # Flower samples nodes with `random`
-        "torch_rng": torch.get_rng_state(),
     }
     if isinstance(strategy, SparseFedAvg) and strategy.mask is not None:
         payload["mask"] = {k: v.clone() for k, v in strategy.mask.items()}
@@ -68,6 +75,65 @@ def checkpoint_bytes(
     if isinstance(strategy, SparseFedAvg):  # a stateful aggregation rule's state (FedAdam's m, v)
         payload["rule_state"] = strategy.rule.state_dict()
     return _to_bytes(payload)
+
+
+def read_checkpoint(
+    data: bytes, where: str, expected_state: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Parse and check one checkpoint's bytes: the ONE place stored checkpoints are read.
+
+    ``expected_state``: the run's model state_dict; names, shapes and dtypes must match it.
+    Anything else (bytes that are not a torch file, another layout, wrong shapes, non-finite
+    weights, a mask that does not fit) raises CheckpointCorruptError, one line, no data.
+    torch.load runs with ``weights_only=True``: a forged pickle cannot run code.
+    """
+    try:
+        ck = _from_bytes(data)
+    except Exception as exc:  # torch/pickle/zip raise many types on forged bytes
+        raise CheckpointCorruptError(
+            f"{where} is unreadable: not a leanfed checkpoint ({type(exc).__name__})"
+        ) from None
+
+    def bad(what: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(f"{where} is not a valid leanfed checkpoint: {what}")
+
+    if not isinstance(ck, dict):
+        raise bad(f"top level is {type(ck).__name__}, expected a dict")
+    if ck.get("format") not in READABLE_FORMATS:
+        fmt = ck.get("format")
+        shown = fmt if isinstance(fmt, int) else type(fmt).__name__
+        raise bad(f"unsupported format {shown} (this leanfed reads {READABLE_FORMATS})")
+    rnd = ck.get("round")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
+        raise bad("round is not a positive integer")
+    state = ck.get("state")
+    if not isinstance(state, dict) or set(state) != set(expected_state):
+        raise bad("model state does not have the run's model's parameter names")
+    for name, ref in expected_state.items():
+        t = state[name]
+        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+            raise bad(f"{name} is not a {ref.dtype} tensor of shape {tuple(ref.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise bad(f"{name} holds NaN or infinite values")
+    if "mask" in ck:
+        mask = ck["mask"]
+        if not isinstance(mask, dict) or not set(mask) <= set(expected_state):
+            raise bad("mask names are not the model's parameters")
+        for name, m in mask.items():
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or (
+                m.shape != expected_state[name].shape
+            ):
+                raise bad(f"mask of {name} is not a bool tensor of the parameter's shape")
+        version = ck.get("mask_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise bad("mask_version is not a non-negative integer")
+        dens = ck.get("target_densities")
+        if not isinstance(dens, dict) or not all(
+            isinstance(v, float | int) and math.isfinite(v) and 0.0 <= v <= 1.0
+            for v in dens.values()
+        ):
+            raise bad("target densities are not numbers in [0, 1]")
+    return ck
 
 
 @dataclass
@@ -80,29 +146,38 @@ class ResumePoint:
 
 
 def load_resume_point(store: RunStore, run_id: str, cfg: LeanfedConfig) -> ResumePoint:
-    """Strategy, model and RNG state after the last committed round (RNG restored in place)."""
-    latest = store.latest_checkpoint(run_id)
+    """Strategy and model state after the last committed round, every part checked first.
+
+    Writes nothing: a refused resume leaves the stored run as it was.
+    """
+    latest = store.latest_checkpoint(run_id)  # SHA-256 checked against the recorded hash
     if latest is None:
         raise StoreError(f"run {run_id} has no committed round to resume from")
-    _, data = latest
-    ck = _from_bytes(data)
-    if ck.get("format") != CHECKPOINT_FORMAT:
-        raise StoreError(f"run {run_id}: unsupported checkpoint format {ck.get('format')!r}")
+    stored_round, data = latest
+    where = f"checkpoint of run {run_id} round {stored_round}"
+    expected = make_model(cfg, run_dataset(cfg, _dataset)).state_dict()
+    ck = read_checkpoint(data, where, expected)
+    if ck["round"] != stored_round:
+        raise CheckpointCorruptError(
+            f"{where} is not a valid leanfed checkpoint: it says round {ck['round']}"
+        )
     strategy = build_strategy(cfg)
     if isinstance(strategy, SparseFedAvg) and "mask" in ck:
         strategy.mask = ck["mask"]
         strategy.mask_version = int(ck["mask_version"])
-        strategy.target_densities = dict(ck["target_densities"])
+        strategy.target_densities = {k: float(v) for k, v in ck["target_densities"].items()}
     if isinstance(strategy, SparseFedAvg):
-        strategy.rule.load_state_dict(ck.get("rule_state", {}))
-    random.setstate(_tuplify(ck["py_random"]))
-    torch.set_rng_state(ck["torch_rng"])
-    return ResumePoint(round=int(ck["round"]), state=ck["state"], strategy=strategy)
-
-
-def _tuplify(x: Any) -> Any:
-    # random.setstate needs tuples; serialization may hand back lists.
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
+        rule_state = ck.get("rule_state", {})
+        try:
+            if not isinstance(rule_state, dict):
+                raise TypeError(type(rule_state).__name__)
+            strategy.rule.load_state_dict(rule_state)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointCorruptError(
+                f"{where} is not a valid leanfed checkpoint: the aggregation rule's state does "
+                f"not fit this rule ({type(exc).__name__})"
+            ) from None
+    return ResumePoint(round=stored_round, state=ck["state"], strategy=strategy)
 
 
 class StoreRecorder:
@@ -158,6 +233,8 @@ class StoreRecorder:
             events=events,
             train_loss=rec.train_loss,
             accuracy=rec.accuracy,
+            num_accepted=rec.num_accepted,
+            degraded=rec.degraded,
         )
 
 

@@ -8,6 +8,7 @@ the strategy in :class:`RoundOffset` so rounds keep their absolute numbers.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -29,7 +30,7 @@ from strategies.sparse.layout import plan_densities, planned_random_mask
 from strategies.sparse.masks import Mask
 from strategies.sparse.saliency import saliency_mask, saliency_scores
 from strategies.sparse.selection import parse_patterns, select_sparsifiable
-from tasks.config import LeanfedConfig
+from tasks.config import ConfigError, LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
 from tasks.plugins import merge_options, rule_options, run_dataset, run_model
@@ -49,6 +50,8 @@ class RoundRecord:
     wall_s: float
     density: float
     num_rejected: int = 0
+    num_accepted: int | None = None  # train replies aggregation accepted (None: not reported)
+    degraded: bool = False  # fewer accepted replies than the config's min-accepted-replies
     metrics: dict[str, float] = field(default_factory=dict)
     # Continual runs: accuracy on each task's test set (one accuracy-matrix row per round).
     task_accuracies: list[float] = field(default_factory=list)
@@ -218,6 +221,36 @@ class RoundOffset(Strategy):
         self.inner.summary()
 
 
+def check_runnable(cfg: LeanfedConfig) -> None:
+    """Everything a run needs, checked before a run record exists: the dataset loads, the
+    model builds for it, the merge rule imports and the strategy accepts its arguments.
+
+    Raises the one-line errors of the registries (DatasetError, ModelError, ConfigError).
+    """
+    ds = run_dataset(cfg, _dataset)
+    make_model(cfg, ds)
+    try:
+        build_strategy(cfg)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"the strategy refuses this config: {exc}") from exc
+
+
+def seed_round_rngs(seed: int, server_round: int) -> None:
+    """Seed the process RNGs a round uses, from (seed, round) alone.
+
+    Flower samples nodes with ``random``; dropout in an in-process ClientApp draws from the
+    global torch RNG. Deriving both from (seed, round) before every round, instead of saving
+    their state in the checkpoint, makes the checkpoint bytes (and SHA-256) of two identical
+    runs equal, and a resumed run re-derives exactly the state an uninterrupted one had.
+    """
+    digest = hashlib.sha256(f"leanfed-round-rng/{seed}/{server_round}".encode()).digest()
+    value = int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+    random.seed(value)
+    torch.manual_seed(value)
+
+
 def _round_bytes(strategy: Strategy, server_round: int) -> tuple[int, int]:
     log = getattr(strategy, "bytes_log", {}).get(server_round, {})
     return int(log.get("upload", 0)), int(log.get("download", 0))
@@ -236,8 +269,8 @@ def run_federated(
 ) -> RunSummary:
     """Run rounds ``start_round..cfg.num_server_rounds`` of the configured strategy on ``grid``.
 
-    ``strategy`` and ``initial_state`` let a resumed run continue from a checkpoint;
-    ``random`` must already hold the checkpoint's state then (Flower samples with it).
+    ``strategy`` and ``initial_state`` let a resumed run continue from a checkpoint. Before
+    every round the process RNGs are re-seeded from (seed, round): see seed_round_rngs.
     ``task_tests`` (continual runs): one (x, y) test set per task; every evaluation then
     also fills ``task_accuracies``, the accuracy-matrix row of that round.
     """
@@ -252,8 +285,6 @@ def run_federated(
         strategy = build_strategy(cfg)
         if isinstance(strategy, SparseFedAvg) and strategy.density < 1.0:
             strategy.mask = sparse_init(model, cfg)
-    if start_round == 1:
-        random.seed(cfg.seed)  # Flower's node sampling uses the `random` module
     offset = start_round - 1
     summary = RunSummary(config=cfg)
     clock = {"t": time.perf_counter()}
@@ -270,6 +301,7 @@ def run_federated(
         else:
             up, down = _round_bytes(strategy, server_round)
             agg = getattr(strategy, "last_train_metrics", {}) or {}
+            accepted = _maybe_int(agg.get("num_accepted"))
             rec = RoundRecord(
                 round=server_round,
                 accuracy=acc,
@@ -280,12 +312,15 @@ def run_federated(
                 wall_s=wall,
                 density=float(agg.get("density", 1.0)),
                 num_rejected=int(agg.get("num_rejected", 0)),
+                num_accepted=accepted,
+                degraded=accepted is not None and accepted < cfg.min_accepted_replies,
                 metrics={k: float(v) for k, v in agg.items() if isinstance(v, int | float)},
                 task_accuracies=task_accs,
             )
             summary.rounds.append(rec)
             if on_round is not None:
                 on_round(rec, strategy, arrays)
+        seed_round_rngs(cfg.seed, server_round)  # after the round's checkpoint, before the next
         clock["t"] = time.perf_counter()  # the next round's wall time excludes evaluation
         return MetricRecord({"accuracy": acc, "loss": loss})
 
@@ -303,6 +338,10 @@ def run_federated(
     )
     summary.final_state = dict(result.arrays.to_torch_state_dict()) if result.arrays else None
     return summary
+
+
+def _maybe_int(v: object) -> int | None:
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def _maybe_float(v: object) -> float | None:

@@ -7,55 +7,24 @@ one-line message, and for an unexpected exception only its type and where it was
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
-from server.security.errors import DeployError
-from server.store.errors import StoreError
-from strategies.codec import CodecError
-from strategies.sparse.masks import MaskError
-from tasks.config import ConfigError
-from tasks.datasets import DatasetError
-from tasks.models import ModelError
-from tasks.stream import StreamError
+from server.errors import USER_ERRORS, describe, first_line
 
-# leanfed's own error classes: their messages are written to name what was wrong, never data.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    DatasetError,
-    ModelError,
-    StreamError,
-    MaskError,
-    CodecError,
-    StoreError,
-    DeployError,
-)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name when empty)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+__all__ = ["USER_ERRORS", "LeanfedGroup", "first_line", "new_app", "print_error"]
 
 
 def print_error(message: str) -> None:
     """One red line on stderr; soft_wrap keeps it one line whatever the terminal width."""
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[bold red]error:[/] {message}", markup=True
+        f"[bold red]error:[/] {escape(message)}", markup=True
     )
-
-
-def _where(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "unknown location"
-    last = frames[-1]
-    return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
 
 
 class LeanfedGroup(TyperGroup):
@@ -75,10 +44,7 @@ class LeanfedGroup(TyperGroup):
             if ctx.params.get("debug"):
                 raise
             # The message of an unexpected exception may quote data: show type and place only.
-            print_error(
-                f"unexpected {type(exc).__name__} at {_where(exc)} (a bug in leanfed?); "
-                "rerun with --debug for the traceback"
-            )
+            print_error(f"{describe(exc)} (a bug in leanfed?); rerun with --debug to see it")
             raise typer.Exit(1) from None
 
 

@@ -17,8 +17,9 @@ from rich.table import Table
 
 from server.runner import RoundRecord, RunSummary
 from server.security.signing import Signer, signer_from
-from server.session import effective_config, run_recorded
+from server.session import RunInterrupted, effective_config, run_recorded
 from server.store import RunStore, StoreError, resolve_db_url
+from simulations.edge import print_error
 from simulations.grid import InProcessGrid, quiet_flower
 from tasks.config import ConfigError, LeanfedConfig
 
@@ -35,6 +36,9 @@ def load_overrides(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        kind = type(exc).__name__
+        raise ConfigError(f"config file {path} is not a readable text file ({kind})") from exc
 
 
 def build_config(path: Path | None, resume: str | None, extra: dict[str, Any]) -> LeanfedConfig:
@@ -94,6 +98,9 @@ def simulate(
         with bar:
             task = bar.add_task("rounds", total=cfg.num_server_rounds, info="")
 
+            def on_start(_run_id: str, done: int) -> None:
+                bar.update(task, completed=done)  # a resumed run starts where it stopped
+
             def on_round(rec: RoundRecord) -> None:
                 bar.update(
                     task,
@@ -102,22 +109,12 @@ def simulate(
                 )
 
             run_id, summary = _run(
-                cfg, store, engine, workers, ray_address, name, on_round, signer
+                cfg, store, engine, workers, ray_address, name, on_round, signer, on_start
             )
-        table = Table(title=f"run {run_id}")
-        for col in ("round", "accuracy", "loss", "upload MB", "download MB", "density", "wall s"):
-            table.add_column(col, justify="right")
-        for r in summary.rounds:
-            table.add_row(
-                str(r.round),
-                f"{r.accuracy:.4f}",
-                f"{r.loss:.4f}",
-                f"{r.upload_bytes / 1e6:.3f}",
-                f"{r.download_bytes / 1e6:.3f}",
-                f"{r.density:.3f}",
-                f"{r.wall_s:.2f}",
-            )
-        Console().print(table)
+        Console().print(summary_table(run_id, summary.rounds))
+        run = store.get_run(run_id)
+        if run.status != "completed":
+            console.print(f"[bold yellow]run {run.status}:[/] {escape(run.reason or '')}")
         console.print(f"stored in {store.url}; see `leanfed runs show {run_id}`")
     return run_id
 
@@ -131,6 +128,7 @@ def _run(
     name: str | None,
     on_round: Callable[[RoundRecord], None],
     signer: Signer | None,
+    on_start: Callable[[str, int], None] | None = None,
 ) -> tuple[str, RunSummary]:
     if engine == "ray":
         from simulations.ray_engine import run_on_ray  # imports Ray: only when asked for
@@ -145,7 +143,30 @@ def _run(
         run_config=cfg.replace(resume="").to_run_config(),
         workers=workers,
     ) as grid:
-        return run_recorded(grid, cfg, store, name=name, on_round=on_round, signer=signer)
+        return run_recorded(
+            grid, cfg, store, name=name, on_round=on_round, on_start=on_start, signer=signer
+        )
+
+
+def summary_table(run_id: str, rounds: list[RoundRecord]) -> Table:
+    """Every round of the run (a resumed run's earlier rounds too); degraded rounds marked."""
+    table = Table(title=f"run {run_id}")
+    cols = ("round", "accuracy", "loss", "accepted", "upload MB", "download MB", "density")
+    for col in (*cols, "wall s"):
+        table.add_column(col, justify="right")
+    for r in rounds:
+        accepted = "-" if r.num_accepted is None else str(r.num_accepted)
+        table.add_row(
+            str(r.round),
+            f"{r.accuracy:.4f}",
+            f"{r.loss:.4f}",
+            f"[yellow]{accepted} (degraded)[/]" if r.degraded else accepted,
+            f"{r.upload_bytes / 1e6:.3f}",
+            f"{r.download_bytes / 1e6:.3f}",
+            f"{r.density:.3f}",
+            f"{r.wall_s:.2f}",
+        )
+    return table
 
 
 def register(app: typer.Typer) -> None:
@@ -211,7 +232,10 @@ def register(app: typer.Typer) -> None:
                 workers=workers,
                 ray_address=ray_address,
             )
+        except RunInterrupted as stop:
+            # Ctrl-C or SIGTERM: the run is stored as "interrupted"; say how to go on.
+            console.print(str(stop), soft_wrap=True, highlight=False, markup=False)
+            raise typer.Exit(130) from None
         except (ConfigError, StoreError) as exc:
-            # soft_wrap: one line whatever the terminal width; escape: no markup from data.
-            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(1) from exc
+            print_error(str(exc))
+            raise typer.Exit(1) from None

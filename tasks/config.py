@@ -44,6 +44,9 @@ class LeanfedConfig:
     fraction_train: float = 0.5
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
+    # A round with fewer accepted train replies is marked degraded; a run with any such
+    # round ends "degraded", one whose every round rejected every reply ends "failed".
+    min_accepted_replies: int = 1
     # data
     dataset: str = "mnist5k"  # built-in name, csv:PATH, npz:PATH, entry point or module:factory
     model: str = "auto"  # "auto": CNN for images, MLP for tabular data; or any model plug-in
@@ -191,6 +194,7 @@ class LeanfedConfig:
         need(0.0 < self.fraction_train <= 1.0, "fraction-train", "must be in (0, 1]")
         need(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate", "must be in [0, 1]")
         need(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
+        need(self.min_accepted_replies >= 0, "min-accepted-replies", "must be >= 0")
         need(self.partition_scheme in PARTITIONS, "partition.scheme", f"one of {PARTITIONS}")
         need(self.partition_alpha > 0, "partition.alpha", "must be > 0")
         need(self.partition_shards >= 1, "partition.shards", "must be >= 1")
@@ -222,6 +226,7 @@ class LeanfedConfig:
             "aggregation.max-density-tolerance",
             "must be >= 0",
         )
+        self._validate_sampling(need)
         self._validate_robust(need)
         need(self.aggregation_max_num_examples >= 1, "aggregation.max-num-examples", "must be >= 1")
         need(self.aggregation_max_abs_value > 0, "aggregation.max-abs-value", "must be > 0")
@@ -291,6 +296,28 @@ class LeanfedConfig:
                 "aggregation.options.* do not apply to strategy = 'flower-fedavg' "
                 "(Flower's own dense FedAvg); use strategy = 'sparse' with dst.rule = 'dense'"
             )
+
+    @property
+    def train_nodes_per_round(self) -> int:
+        """Nodes Flower's FedAvg samples a round: max(int(N * fraction-train), min-train-nodes)."""
+        return max(int(self.num_partitions * self.fraction_train), self.min_train_nodes)
+
+    def _validate_sampling(self, need: Callable[[bool, str, str], None]) -> None:
+        # Flower's sample_nodes waits, without a timeout, until min-train-nodes nodes are
+        # connected: more than there are partitions would wait forever, so refuse it here.
+        need(
+            self.min_train_nodes <= self.num_partitions,
+            "min-train-nodes",
+            f"above num-partitions = {self.num_partitions}: Flower would wait forever for "
+            "that many nodes",
+        )
+        need(
+            self.min_accepted_replies <= self.train_nodes_per_round,
+            "min-accepted-replies",
+            f"above the {self.train_nodes_per_round} nodes sampled per round "
+            "(num-partitions x fraction-train, at least min-train-nodes): every round would "
+            "be degraded",
+        )
 
     def _validate_robust(self, need: Callable[[bool, str, str], None]) -> None:
         need(self.aggregation_num_malicious >= 0, "aggregation.num-malicious", "must be >= 0")
