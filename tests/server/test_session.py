@@ -25,18 +25,9 @@ from simulations.grid import InProcessGrid
 from tasks.config import ConfigError, LeanfedConfig
 from tasks.datasets import DatasetError
 from tasks.models import ModelError
+from tests.server.test_app_inprocess import TINY as APP_TINY
 
-TINY = LeanfedConfig(
-    num_server_rounds=3,
-    dataset="digits",
-    model="mlp",
-    num_partitions=4,
-    min_train_nodes=2,
-    local_steps=3,
-    local_batch_size=16,
-    dst_density=0.2,
-    seed=5,
-)
+TINY = APP_TINY.replace(num_server_rounds=3, seed=5)
 
 
 def _grid(cfg: LeanfedConfig, app: Any = client_app) -> InProcessGrid:

@@ -60,3 +60,11 @@ def test_garbage_database_url_is_one_line_without_the_password() -> None:
     assert res.exit_code == 1
     assert "hunter2" not in res.output and res.output.count("\n") == 1
     assert res.output.startswith("error: invalid database URL")
+
+
+def test_no_typer_app_prints_locals() -> None:
+    from simulations.cli import bench_app
+    from simulations.runs_cli import runs_app
+
+    for typer_app in (app, bench_app, runs_app):
+        assert typer_app.pretty_exceptions_show_locals is False

@@ -1,4 +1,5 @@
-"""Crash-safe resume: SIGKILL after round k, resume, match an uninterrupted run bit for bit."""
+"""Crash-safe resume: SIGKILL after round k, resume, match an uninterrupted run bit for bit
+(weights and the checkpoint SHA-256 that `runs show` prints)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from client.app import app as client_app
+from server.session import run_recorded
 from server.store import RunStore
+from simulations.cli import app
+from simulations.grid import InProcessGrid
+from simulations.simulate import build_config
 
 CONFIG = """
-num-server-rounds = 12
+num-server-rounds = 6
 dataset = "digits"
 model = "mlp"
 num-partitions = 4
 min-train-nodes = 2
 seed = 3
-local.steps = 120
+local.steps = 60
 local.batch-size = 16
 dst.density = 0.2
 dst.rule = "rigl"
 """
 
 
-def _simulate(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+def _simulate(args: list[str], cwd: Path, capture: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "simulations.cli", "simulate", "--no-progress", *args],
         cwd=cwd,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0", "COLUMNS": "200"},
     )
 
 
@@ -52,13 +60,14 @@ def _last_round(path: Path) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
-def _final_state(url: str) -> tuple[str, dict[str, torch.Tensor]]:
+def _final_state(url: str) -> tuple[str, dict[str, torch.Tensor], str]:
     with RunStore(url) as store:
         (run,) = store.list_runs()
         assert run.status == "completed", run.status
         latest = store.latest_checkpoint(run.id)
-        assert latest is not None and latest[0] == 12
-        return run.id, torch.load(io.BytesIO(latest[1]), weights_only=True)["state"]
+        sha = store.checkpoint_sha256(run.id)
+        assert latest is not None and latest[0] == 6 and sha is not None
+        return run.id, torch.load(io.BytesIO(latest[1]), weights_only=True)["state"], sha[1]
 
 
 @pytest.mark.slow
@@ -69,8 +78,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
 
     ref_url = f"sqlite:///{tmp_path / 'ref.db'}"
     ref = _simulate(["--config", str(conf), "--db", ref_url], repo)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode() if ref.stderr else ""
-    _, reference = _final_state(ref_url)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read() if ref.stderr else ""
+    _, reference, ref_sha = _final_state(ref_url)
 
     url = f"sqlite:///{tmp_path / 'crash.db'}"
     proc = _simulate(["--config", str(conf), "--db", url], repo)
@@ -84,21 +93,71 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
             proc.wait()
             killed_after = done
             break
-    assert killed_after is not None and killed_after < 12, "the run ended before it could be killed"
+    assert killed_after is not None and killed_after < 6, "the run ended before it could be killed"
     assert proc.returncode == -signal.SIGKILL
 
     with RunStore(url) as store:
         (run,) = store.list_runs()
         assert run.status == "running"  # a SIGKILL leaves no chance to mark it
-        assert run.last_round is not None and 2 <= run.last_round < 12
+        assert run.last_round is not None and 2 <= run.last_round < 6
+        assert run.display_status == "stale"  # its process is gone: shown as such
         run_id = run.id
 
     resumed = _simulate(["--db", url, "--resume", run_id], repo)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode() if resumed.stderr else ""
-    rid, state = _final_state(url)
-    assert rid == run_id
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read() if resumed.stderr else ""
+    rid, state, sha = _final_state(url)
+    assert rid == run_id and sha == ref_sha  # `runs show` prints the uninterrupted run's SHA
     assert state.keys() == reference.keys()
     for k in reference:
         assert torch.equal(state[k], reference[k]), f"{k} differs after resume"
     with RunStore(url) as store:
-        assert [r.round for r in store.get_rounds(run_id)] == list(range(1, 13))
+        assert [r.round for r in store.get_rounds(run_id)] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_resume_matches(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    conf = tmp_path / "c.toml"
+    conf.write_text(CONFIG.replace("rounds = 6", "rounds = 3").replace("steps = 60", "steps = 25"))
+    db = tmp_path / "runs.db"
+    proc = _simulate(["--config", str(conf), "--db", str(db)], repo, capture=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+        if (_last_round(db) or 0) >= 1:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    with RunStore(f"sqlite:///{db}", read_only=True) as store:
+        (run,) = store.list_runs()
+    assert run.status == "interrupted" and run.last_round is not None and run.last_round < 3
+    assert (
+        f"stopped after round {run.last_round}; resume with `leanfed simulate --resume {run.id}`"
+        in err
+    )
+    assert "Traceback" not in err
+    show = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", "show", run.id, "--db", str(db)])
+    assert f"interrupted; resume with `leanfed simulate --resume {run.id}`" in show.output
+
+    resumed = _simulate(["--db", str(db), "--resume", run.id], repo, capture=True)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    table_rounds = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") > 5]
+    assert table_rounds[-3:] == ["1", "2", "3"]  # the summary includes the earlier rounds
+
+    cfg = build_config(conf, None, {})  # the same run, uninterrupted, in this process
+    with RunStore("sqlite://") as ref:
+        ref_id, _ = run_recorded(
+            InProcessGrid(
+                client_app,
+                cfg.num_partitions,
+                run_config=cfg.to_run_config(),
+            ),
+            cfg,
+            ref,
+        )
+        expected = ref.checkpoint_sha256(ref_id)
+    with RunStore(f"sqlite:///{db}", read_only=True) as store:
+        assert store.get_run(run.id).status == "completed"
+        assert store.checkpoint_sha256(run.id) == expected
