@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 import traceback
@@ -127,6 +128,10 @@ def _init_worker(app_ref: str, run_config: RunConfig, threads: int) -> None:
     import torch
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # Ctrl-C reaches the whole process group: the parent stops the run, marks it
+    # interrupted and shuts the pool down; a worker's own KeyboardInterrupt would only
+    # print a traceback per worker over the parent's one-line message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     # One core per worker: N workers x 1 thread never oversubscribe N cores, and every
     # worker computes with the same (single-threaded) kernels, so where a client runs

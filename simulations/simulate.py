@@ -18,8 +18,7 @@ from rich.table import Table
 from server.runner import RoundRecord, RunSummary
 from server.security.signing import Signer, signer_from
 from server.session import RunInterrupted, effective_config, run_recorded
-from server.store import RunStore, StoreError, resolve_db_url
-from simulations.edge import print_error
+from server.store import RunStore, resolve_db_url
 from simulations.grid import InProcessGrid, quiet_flower
 from tasks.config import ConfigError, LeanfedConfig
 
@@ -236,6 +235,5 @@ def register(app: typer.Typer) -> None:
             # Ctrl-C or SIGTERM: the run is stored as "interrupted"; say how to go on.
             console.print(str(stop), soft_wrap=True, highlight=False, markup=False)
             raise typer.Exit(130) from None
-        except (ConfigError, StoreError) as exc:
-            print_error(str(exc))
-            raise typer.Exit(1) from None
+        # Every other leanfed error becomes one line at the CLI edge (simulations.edge),
+        # or a full traceback with --debug.

@@ -205,9 +205,9 @@ def test_rounds_below_min_accepted_replies_mark_the_run_degraded() -> None:
 @pytest.mark.parametrize(
     ("changes", "error", "match"),
     [
-        ({"dataset": "no-such-set"}, DatasetError, "unknown dataset 'no-such-set'"),
-        ({"model": "no-such-model"}, ModelError, "unknown model 'no-such-model'"),
-        ({"aggregation_rule": "nowhere:rule"}, ConfigError, "cannot import"),
+        ({"dataset": "no-such-set"}, DatasetError, "dataset = 'no-such-set': unknown dataset"),
+        ({"model": "no-such-model"}, ModelError, "model = 'no-such-model': unknown model"),
+        ({"aggregation_rule": "nowhere:rule"}, ConfigError, "no module named 'nowhere'"),
     ],
 )
 def test_config_checked_before_a_run_record_exists(

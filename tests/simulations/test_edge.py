@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simulations.cli import app
-from tasks.datasets import DatasetError
+from tasks.config import ConfigError
 
 MARKER = "PATIENT-4711-SECRET"
 
@@ -50,9 +50,9 @@ def test_debug_flag_re_raises_with_the_traceback(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     args = ["simulate", "--no-progress", "--config", str(conf), "--db", db]
     res = CliRunner().invoke(app, args)
-    assert res.exit_code == 1 and "unknown dataset 'no-such-set'" in res.output
+    assert res.exit_code == 1 and "dataset = 'no-such-set': unknown dataset" in res.output
     res = CliRunner().invoke(app, ["--debug", *args])
-    assert isinstance(res.exception, DatasetError)
+    assert isinstance(res.exception, ConfigError)  # the unknown name, re-raised
 
 
 def test_garbage_database_url_is_one_line_without_the_password() -> None:
