@@ -36,8 +36,25 @@ register_runs(app)
 register_deploy(app)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"leanfed {version('leanfed')}")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            typer.echo("leanfed (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print leanfed's version and exit.", is_eager=True, callback=_version
+        ),
+    ] = False,
     debug: Annotated[
         bool,
         typer.Option(

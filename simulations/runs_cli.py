@@ -22,6 +22,7 @@ from server.security.checkpoints import signature_status
 from server.security.exports import check_export, sign_export
 from server.security.signing import is_private_key_file, key_path, load_signer, verifier_from
 from server.store import RunInfo, RunStore, StoreError, resolve_db_url
+from simulations.continual_summary import cl_summary, format_cl, task_rows
 from simulations.edge import new_app, print_error
 
 DbOption = Annotated[
@@ -89,6 +90,37 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _metric(key: str, value: object) -> str:
+    """Counts (bytes, clients, flags) as integers; rates and losses with four decimals."""
+    if isinstance(value, float) and value.is_integer() and not _is_rate(key):
+        return str(int(value))
+    return _fmt(value) if isinstance(value, float) else str(value)
+
+
+def _is_rate(key: str) -> bool:
+    words = set(key.replace(".", "_").replace("-", "_").split("_"))
+    return bool(words & {"accuracy", "acc", "loss", "density", "norm", "fraction", "lr"})
+
+
+def settings(config: dict[str, object]) -> dict[str, str]:
+    """What a run was: dataset, model, strategy (with its rule) and DST rule at its density."""
+    def get(key: str, default: str = "-") -> str:
+        return str(config.get(key, default))
+
+    strategy = get("strategy")
+    if strategy == "sparse":
+        strategy = f"sparse/{get('aggregation.rule', 'mean')}"
+    rule = get("dst.rule")
+    density = "1" if rule == "dense" else get("dst.density")
+    return {
+        "dataset": get("dataset"),
+        "model": get("model"),
+        "strategy": strategy,
+        "DST rule": rule,
+        "density": density,
+    }
+
+
 @runs_app.command("list")
 def list_runs(db: DbOption = None) -> None:
     """Table of stored runs, newest first."""
@@ -107,6 +139,8 @@ def list_runs(db: DbOption = None) -> None:
     table.add_column("status", min_width=9)
     table.add_column("rounds", justify="right")
     table.add_column("final accuracy", justify="right")
+    for col in ("dataset", "model", "strategy", "DST rule", "density"):
+        table.add_column(col, overflow="fold")
     table.add_column("created", no_wrap=True)
     for r in runs:
         table.add_row(
@@ -115,6 +149,7 @@ def list_runs(db: DbOption = None) -> None:
             r.display_status,
             str(r.num_rounds),
             _fmt(r.final_accuracy),
+            *(escape(v) for v in settings(r.config).values()),
             r.created_at.strftime("%Y-%m-%d %H:%M"),
         )
     console.print(table)
@@ -144,6 +179,8 @@ def show_run(run_id: RunIdArg, db: DbOption = None, signing_key: KeyOption = Non
     degraded = [r.round for r in rounds if r.degraded]
     if degraded:
         table.add_row("degraded rounds", _round_list(degraded))
+    for key, value in settings(run.config).items():
+        table.add_row(key, escape(value))
     table.add_row("seed", str(run.seed))
     table.add_row("code version", run.code_version)
     table.add_row("Flower run id", run.flower_run_id or "-")
@@ -158,7 +195,12 @@ def show_run(run_id: RunIdArg, db: DbOption = None, signing_key: KeyOption = Non
     table.add_row("downloaded bytes", str(sum(r.download_bytes for r in rounds)))
     if rounds:
         for key, value in sorted(rounds[-1].metrics.items()):
-            table.add_row(f"final {key}", _fmt(value) if isinstance(value, float) else str(value))
+            table.add_row(f"final {key}", _metric(key, value))
+        rpt = run.config.get("cl.rounds-per-task")
+        if run.config.get("cl.scenario", "none") != "none" and isinstance(rpt, int):
+            cl = cl_summary(task_rows({r.round: r.metrics for r in rounds}), rpt)
+            if cl:
+                table.add_row("continual", format_cl(cl))
     if ckpt is not None and sha is not None:
         table.add_row("final checkpoint", f"round {ckpt[0]}, {len(ckpt[1])} bytes")
         table.add_row("checkpoint SHA-256", sha[1])

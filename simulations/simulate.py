@@ -19,6 +19,7 @@ from server.runner import RoundRecord, RunSummary
 from server.security.signing import Signer, signer_from
 from server.session import RunInterrupted, effective_config, run_recorded
 from server.store import RunStore, resolve_db_url
+from simulations.continual_summary import cl_summary, format_cl
 from simulations.grid import InProcessGrid, quiet_flower
 from tasks.config import ConfigError, LeanfedConfig
 
@@ -111,6 +112,12 @@ def simulate(
                 cfg, store, engine, workers, ray_address, name, on_round, signer, on_start
             )
         Console().print(summary_table(run_id, summary.rounds))
+        if cfg.cl_scenario != "none":
+            rows = {r.round: r.task_accuracies for r in summary.rounds if r.task_accuracies}
+            base = summary.initial_task_accuracies or None
+            cl = cl_summary(rows, cfg.cl_rounds_per_task, base)
+            if cl:
+                Console().print("continual: " + format_cl(cl))
         run = store.get_run(run_id)
         if run.status != "completed":
             console.print(f"[bold yellow]run {run.status}:[/] {escape(run.reason or '')}")
