@@ -42,7 +42,7 @@ def test_every_example_is_there() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["model", "csv", "stream", "fedadam"])
-def test_override_file_runs(name: str, tmp_path: Path) -> None:
+def test_override_file_runs(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _csv(tmp_path / "patients.csv")
     conf = tmp_path / f"{name}.toml"
     conf.write_text(TOML[name].replace("DATA_DIR", str(tmp_path)))
@@ -54,6 +54,8 @@ def test_override_file_runs(name: str, tmp_path: Path) -> None:
         latest = store.latest_checkpoint(run_id)
     assert latest is not None
     ck = torch.load(io.BytesIO(latest[1]), weights_only=True)
+    if name == "stream":  # a user's stream gets the continual metrics in the summary
+        assert "continual: ACC " in capsys.readouterr().out
     if name == "fedadam":  # the strategy's state is in the checkpoint
         assert set(ck["rule_state"]) == {"m", "v"} and ck["rule_state"]["m"]
 
