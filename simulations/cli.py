@@ -10,6 +10,7 @@ from simulations.bench_centralized import register as register_centralized
 from simulations.bench_continual import register as register_continual
 from simulations.bench_federated import register as register_federated
 from simulations.bench_privacy import register as register_privacy
+from simulations.bench_robustness import register as register_robustness
 from simulations.bench_scale import register as register_scale
 from simulations.bench_speed import register as register_speed
 from simulations.deploy import register as register_deploy
@@ -31,6 +32,7 @@ register_continual(bench_app)
 register_scale(bench_app)
 register_speed(bench_app)
 register_privacy(bench_app)
+register_robustness(bench_app)
 register_simulate(app)
 register_runs(app)
 register_deploy(app)
