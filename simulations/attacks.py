@@ -1,10 +1,10 @@
 """Byzantine clients for the robustness benchmark: a ClientApp that wraps the real leanfed one.
 
-The production ClientApp (`client.app`) is never changed: this wrapper runs it, then
-rewrites the train reply of nodes whose ``node_config["leanfed.attack"]`` names an attack
-(the test harness sets that key on the attacking nodes of an `InProcessGrid`). The rewritten
-reply is a well-formed codec payload, so it goes through the real SparseFedAvg validation
-and merge exactly as a malicious site's would.
+The production ClientApp (`client.app`) is never changed: `attack_app(attack, attackers)`
+builds a ClientApp that runs it on every node, then rewrites the train reply of the nodes
+of partitions 0..attackers-1 (the benchmark harness passes this app to an `InProcessGrid`).
+The rewritten reply is a well-formed codec payload, so it goes through the real
+SparseFedAvg validation and merge exactly as a malicious site's would.
 
 Attacks (g = the global model received this round, v = the honest trained values, m = the
 client's mask; only floating-point kept coordinates change, integer buffers never):
@@ -31,12 +31,9 @@ from client.app import train as honest_train
 from strategies import codec
 from strategies.sparse.masks import Mask
 
-ATTACK_KEY = "leanfed.attack"
 ATTACKS = ("shift", "sign-flip", "inflate", "random-mask")
 SCALE = 10.0  # shift size and sign-flip / noise scale
 INFLATE = 1000  # num-examples multiplier of "inflate"
-
-app = ClientApp()
 
 
 def _kept(mask: Mask, key: str, like: torch.Tensor) -> torch.Tensor:
@@ -77,23 +74,19 @@ def attack_update(
     return out, out_mask
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """The honest client's round, then (on attacking nodes) its reply rewritten."""
-    reply = honest_train(msg, context)
-    attack = str(context.node_config.get(ATTACK_KEY, ""))
-    if not attack:
-        return reply
+def hostile_reply(attack: str, msg: Message, reply: Message, context: Context) -> Message:
+    """The honest `reply` to the train message `msg`, rewritten by `attack`."""
     # After the honest round, the node's state holds this round's global mask.
     global_mask = _load_mask(context)
     received = codec.from_arrayrecord(msg.content.array_records["arrays"])
     global_values, global_mask = codec.decode_with(received, global_mask)
     sent = codec.from_arrayrecord(reply.content.array_records["arrays"])
     values, mask = codec.decode_with(sent, global_mask)
-    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    config = msg.content.config_records["config"]
+    server_round = int(cast(int, config["server-round"]))
     gen = torch.Generator().manual_seed(context.node_id % (2**62) + server_round)
     bad_values, bad_mask = attack_update(attack, global_values, values, mask, gen)
-    upload = str(msg.content.config_records["config"].get("leanfed.upload-dtype", "fp32"))
+    upload = str(config.get("leanfed.upload-dtype", "fp32"))
     payload = codec.encode(bad_values, bad_mask, value_dtype=upload, send_mask=True)
     metrics = MetricRecord(dict(reply.content.metric_records["metrics"]))
     if attack == "inflate":
@@ -103,7 +96,22 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Attackers evaluate honestly (the benchmark measures the global model centrally)."""
-    return honest_evaluate(msg, context)
+def attack_app(attack: str, attackers: int) -> ClientApp:
+    """The real ClientApp on every node; nodes of partitions < `attackers` run `attack`."""
+    if attack not in ATTACKS and attackers > 0:
+        raise ValueError(f"unknown attack {attack!r}; known: {ATTACKS}")
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = honest_train(msg, context)
+        if reply.has_error() or int(cast(int, context.node_config["partition-id"])) >= attackers:
+            return reply
+        return hostile_reply(attack, msg, reply, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        # Attackers evaluate honestly (the benchmark measures the global model centrally).
+        return honest_evaluate(msg, context)
+
+    return app

@@ -31,11 +31,26 @@ METHODS: tuple[str, ...] = ("static", "set", "rigl", "gmp")
 CNN_DENSITIES: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05)
 OTHER_DENSITY = 0.2
 # one colour per method in both panels of the plot
-COLORS = {"dense": "black", "static": "tab:gray", "set": "tab:orange", "rigl": "tab:green",
-          "gmp": "tab:purple"}
+COLORS = {
+    "dense": "black",
+    "static": "tab:gray",
+    "set": "tab:orange",
+    "rigl": "tab:green",
+    "gmp": "tab:purple",
+}
 REQUIRED_KEYS: tuple[str, ...] = (
-    "task", "method", "density", "accuracy", "active_params", "total_params", "train_flops",
-    "inference_flops", "wall_s", "seed", "dataset", "model",
+    "task",
+    "method",
+    "density",
+    "accuracy",
+    "active_params",
+    "total_params",
+    "train_flops",
+    "inference_flops",
+    "wall_s",
+    "seed",
+    "dataset",
+    "model",
 )
 
 
@@ -57,16 +72,27 @@ class Budget:
 
 # Tuned on MNIST-5k to fit ~25 min for the whole grid on 2 CPU cores; cosine LR over epochs.
 BUDGETS: dict[str, Budget] = {
-    "cnn": Budget(epochs=30, batch_size=64, optimizer="sgd", lr=0.05, weight_decay=5e-4,
-                  update_interval=50),
-    "transformer": Budget(epochs=20, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0,
-                          update_interval=50),
-    "gnn": Budget(epochs=12, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
-                  update_interval=50),
+    "cnn": Budget(
+        epochs=30, batch_size=64, optimizer="sgd", lr=0.05, weight_decay=5e-4, update_interval=50
+    ),
+    "transformer": Budget(
+        epochs=20, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, update_interval=50
+    ),
+    "gnn": Budget(
+        epochs=12, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, update_interval=50
+    ),
 }
 # CI smoke test: 8 steps per run, every method still does at least one topology update.
-QUICK_BUDGET = Budget(epochs=2, batch_size=32, optimizer="adam", lr=3e-3, weight_decay=0.0,
-                      update_interval=2, max_train=128, max_test=200)
+QUICK_BUDGET = Budget(
+    epochs=2,
+    batch_size=32,
+    optimizer="adam",
+    lr=3e-3,
+    weight_decay=0.0,
+    update_interval=2,
+    max_train=128,
+    max_test=200,
+)
 
 
 @dataclass(frozen=True)
@@ -174,7 +200,10 @@ def run_one(spec: RunSpec, ds: Dataset, seed: int) -> dict[str, Any]:
         grown += res.grown
         # FLOPs with the mask as it is at the end of the epoch (GMP's mask shrinks over time).
         flops += train_flops(
-            model, example, controller.mask, steps_per_epoch * min(b.batch_size, len(x)),
+            model,
+            example,
+            controller.mask,
+            steps_per_epoch * min(b.batch_size, len(x)),
             dense_grad_steps=_update_steps(start, controller.step_count, cfg, total_steps),
             batch_size=min(b.batch_size, len(x)),
         )
@@ -224,8 +253,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for method in METHODS:
         pts = sorted((r["density"], r["accuracy"]) for r in cnn if r["method"] == method)
         if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method,
-                    color=COLORS[method])
+            ax.plot(
+                [p[0] for p in pts],
+                [100 * p[1] for p in pts],
+                marker="o",
+                label=method,
+                color=COLORS[method],
+            )
     for r in cnn:
         if r["method"] == "dense":
             ax.axhline(100 * r["accuracy"], color=COLORS["dense"], ls="--", lw=1, label="dense")
@@ -245,8 +279,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         vals = [
-            next((100 * r["accuracy"] for r in others if r["task"] == t and r["method"] == method),
-                 0.0)
+            next(
+                (100 * r["accuracy"] for r in others if r["task"] == t and r["method"] == method),
+                0.0,
+            )
             for t in tasks
         ]
         ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=method, color=COLORS[method])
@@ -263,8 +299,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The results as a Markdown table (for the README)."""
-    head = ("| task | method | density | accuracy (%) | active / total params | train GFLOPs "
-            "| inference MFLOPs | wall s |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| task | method | density | accuracy (%) | active / total params | train GFLOPs "
+        "| inference MFLOPs | wall s |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         lines.append(
@@ -319,8 +357,12 @@ def run_centralized(
         (out_dir / "results.json").write_text(json.dumps(partial, indent=2) + "\n")
 
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), disable=not progress, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
     ) as bar:
         job = bar.add_task("centralized", total=len(specs))
         if workers <= 1:
@@ -375,8 +417,12 @@ def register(bench_app: typer.Typer) -> None:
             table.add_column(col)
         for r in rows:
             table.add_row(
-                r["task"], r["method"], f"{r['density']:g}", f"{100 * r['accuracy']:.1f}",
-                f"{r['active_params']}/{r['total_params']}", f"{r['train_flops'] / 1e9:.2f}",
+                r["task"],
+                r["method"],
+                f"{r['density']:g}",
+                f"{100 * r['accuracy']:.1f}",
+                f"{r['active_params']}/{r['total_params']}",
+                f"{r['train_flops'] / 1e9:.2f}",
             )
         Console().print(table)
         Console().print(f"wrote {out / 'results.json'}")

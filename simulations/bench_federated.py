@@ -129,8 +129,13 @@ def client_sizes(cfg: LeanfedConfig) -> list[int]:
     """Training examples per client under the run's partition (the heterogeneity reported)."""
     labels = load_dataset(cfg.dataset, seed=cfg.seed).y_train
     part = make_partition(
-        cfg.partition_scheme, labels, cfg.num_partitions, cfg.seed, cfg.partition_alpha,
-        cfg.partition_shards, cfg.partition_sample_size,
+        cfg.partition_scheme,
+        labels,
+        cfg.num_partitions,
+        cfg.seed,
+        cfg.partition_alpha,
+        cfg.partition_shards,
+        cfg.partition_sample_size,
     )
     return part.sizes
 

@@ -4,7 +4,7 @@ Every run drives the real SparseFedAvg strategy and the real ClientApp through t
 in-process Grid; attacking nodes run `simulations.attacks` (the real client, reply
 rewritten), selected by the node-config key the harness sets. Setup (affordable on a
 shared 2-core machine): sklearn digits, the MLP (64-128-64-10), 10 clients (Dirichlet
-alpha = 1.0), all 10 per round, FedDST (RigL, density 0.3), 10 rounds of 8 local steps,
+alpha = 1.0), all 10 per round, FedDST (RigL, density 0.3), 15 rounds of 8 local steps,
 one torch thread per run (tiny batches: more threads only add contention), `--jobs`
 runs side by side; 54 runs (quick: 2 rounds, 2 rules, 2 attacks). Attackers are the nodes
 of partitions 0..a-1.
@@ -31,8 +31,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 from server.runner import run_federated  # noqa: E402
-from simulations.attacks import ATTACK_KEY, ATTACKS  # noqa: E402
-from simulations.attacks import app as attack_app  # noqa: E402
+from simulations.attacks import ATTACKS, attack_app  # noqa: E402
 from simulations.grid import InProcessGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
 
@@ -48,14 +47,14 @@ RULES: dict[str, dict[str, Any]] = {
     "multi-krum": {"aggregation_rule": "multi-krum", "aggregation_num_malicious": 2},
     "bulyan": {"aggregation_rule": "bulyan", "aggregation_num_malicious": 1},
 }
-RECOMMENDED = "clipped-median"
+RECOMMENDED = "multi-krum"
 TARGET_POINTS = 3.0
 CLIENTS = 10
 
 
 def base_config(seed: int, quick: bool) -> LeanfedConfig:
     return LeanfedConfig(
-        num_server_rounds=2 if quick else 10,
+        num_server_rounds=2 if quick else 15,
         seed=seed,
         dataset="digits",
         model="mlp",
@@ -83,10 +82,8 @@ def rule_config(rule: str, base: LeanfedConfig) -> LeanfedConfig:
 
 def run_one(cfg: LeanfedConfig, attack: str, attackers: int) -> dict[str, Any]:
     """One federated run; nodes of partitions 0..attackers-1 run `attack`."""
-    grid = InProcessGrid(attack_app, cfg.num_partitions, run_config=cfg.to_run_config())
-    for node in grid.node_ids:
-        if grid.partition_of(node) < attackers:
-            grid.contexts[node].node_config[ATTACK_KEY] = attack
+    app = attack_app(attack, attackers)
+    grid = InProcessGrid(app, cfg.num_partitions, run_config=cfg.to_run_config())
     rejected: list[int] = []
 
     def on_round(_rec: Any, strategy: Any, _arrays: Any) -> None:

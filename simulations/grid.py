@@ -93,9 +93,7 @@ class InProcessGrid(Grid):
             raise ValueError(f"workers must be >= 0, got {workers}")
         if workers > 0 and not isinstance(client_app, str):
             raise ValueError("workers >= 1 needs the ClientApp as a reference 'module:attr'")
-        self.client_app = (
-            load_client_app(client_app) if isinstance(client_app, str) else client_app
-        )
+        self.client_app = load_client_app(client_app) if isinstance(client_app, str) else client_app
         self.run_config = dict(run_config or {})
         self._run = _make_run(run_id, self.run_config)
         # Real SuperNode ids are random unsigned 64-bit numbers; use ids of that size too so

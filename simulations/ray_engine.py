@@ -131,7 +131,12 @@ def run_on_ray(
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         out["result"] = run_recorded(
-            grid, cfg, store, name=name, on_round=on_round, signer=signer,
+            grid,
+            cfg,
+            store,
+            name=name,
+            on_round=on_round,
+            signer=signer,
             flower_run_id=grid.run.run_id,
         )
 

@@ -7,8 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from server.runner import build_strategy, make_model, sparse_init
-from simulations.attacks import ATTACK_KEY, INFLATE, SCALE, attack_update
-from simulations.attacks import app as attack_app
+from simulations.attacks import INFLATE, SCALE, attack_app, attack_update
 from simulations.grid import InProcessGrid
 from strategies.aggregation.wire import decode_reply
 from tasks.config import LeanfedConfig
@@ -32,6 +31,8 @@ def test_attack_maths_on_kept_coordinates() -> None:
     assert torch.equal(rand["b"], v["b"])
     with pytest.raises(ValueError, match="unknown attack"):
         attack_update("nice", g, v, m, gen)
+    with pytest.raises(ValueError, match="unknown attack"):
+        attack_app("nice", 1)
 
 
 @pytest.mark.parametrize("attack", ["shift", "inflate", "random-mask"])
@@ -43,9 +44,8 @@ def test_attacking_node_sends_a_valid_hostile_reply(attack: str) -> None:
     model = make_model(cfg, ds)
     strategy = build_strategy(cfg)
     strategy.mask = sparse_init(model, cfg)  # type: ignore[union-attr]
-    grid = InProcessGrid(attack_app, 2, run_config=cfg.to_run_config())
-    bad = grid.node_ids[0]
-    grid.contexts[bad].node_config[ATTACK_KEY] = attack
+    grid = InProcessGrid(attack_app(attack, 1), 2, run_config=cfg.to_run_config())
+    bad = next(n for n in grid.node_ids if grid.partition_of(n) == 0)
     arrays = ArrayRecord(model.state_dict())
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     replies = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(msgs)}
@@ -53,7 +53,7 @@ def test_attacking_node_sends_a_valid_hostile_reply(attack: str) -> None:
     honest = decode_reply(replies[grid.node_ids[1]], strategy.mask)
     hostile = decode_reply(replies[bad], strategy.mask)
     if attack == "inflate":
-        assert hostile.num_examples == INFLATE * honest.num_examples or hostile.num_examples > 500
+        assert hostile.num_examples >= INFLATE  # x 1000 of at least one example
     key = "fc1.weight"
     if attack == "random-mask":
         assert not torch.equal(hostile.mask[key], strategy.mask[key])
