@@ -1,4 +1,4 @@
-"""`leanfed bench robustness`: final accuracy per merge rule under Byzantine clients (+ fuzzing).
+"""`leanfed bench robustness`: final accuracy per merge rule under Byzantine clients, + fuzzing.
 
 Every run drives the real SparseFedAvg strategy and the real ClientApp through the
 in-process Grid; attacking nodes run `simulations.attacks` (the real client, reply
@@ -32,6 +32,7 @@ from rich.progress import Progress  # noqa: E402
 
 from server.runner import run_federated  # noqa: E402
 from simulations.attacks import ATTACKS, attack_app  # noqa: E402
+from simulations.fuzz_campaign import run_fuzz_campaign  # noqa: E402
 from simulations.grid import InProcessGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
 
@@ -231,20 +232,11 @@ def run_bench(
         "byzantine_wall_s": time.perf_counter() - t0,
         "jobs": jobs,
     }
-    result.update(fuzz_results(seed, quick))
+    # The fuzz and codec halves (issue 9's validation work): hostile replies and payloads.
+    result.update(run_fuzz_campaign(seed=seed, quick=quick))
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     plot(rows, out_dir / "byzantine_accuracy.png")
     return result
-
-
-def fuzz_results(seed: int, quick: bool) -> dict[str, Any]:
-    """The `fuzz` and `codec` sections from the fuzz campaign (the `validate` part of issue 9)."""
-    try:
-        from simulations.fuzz_campaign import run_fuzz_campaign
-    except ImportError:
-        console.print("fuzz campaign not available (simulations.fuzz_campaign missing)")
-        return {}
-    return dict(run_fuzz_campaign(seed=seed, quick=quick))
 
 
 def register(bench_app: typer.Typer) -> None:
