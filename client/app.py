@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from client import secagg
 from client.continual import client_stream, continual_round, current_experience, node_seed
 from client.data import local_data
+from client.dp_local import account_site
 from client.local import RoundOutcome, local_evaluate, local_round
 from strategies import codec
 from strategies.aggregation import secagg_wire
@@ -89,6 +90,8 @@ def train(msg: Message, context: Context) -> Message:
         gen = torch.Generator().manual_seed(seed)
         mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))  # type: ignore[arg-type]
         out = local_round(model, x, y, cfg, server_round, mask, gen, mu)
+        if cfg.privacy_mode == "record":  # this site's epsilon over all its DP-SGD steps
+            out.extra["dp_epsilon"] = account_site(context.state, cfg, out.steps, len(x))
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if msg.content.config_records["config"].get(secagg_wire.MODE_KEY) == "secagg":
         if out.mask is None:

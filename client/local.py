@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from client.trainer import evaluate, make_optimizer, train_steps
+from client.dp_local import dp_train_steps
+from client.trainer import TrainResult, evaluate, make_optimizer, train_steps
 from strategies.plugins import option_kwargs
 from strategies.sparse.engine import DSTConfig, DSTController
 from strategies.sparse.masks import Mask
@@ -94,12 +95,19 @@ def local_round(
     anchor = {k: v.detach().clone() for k, v in params} if proximal_mu else None
     batch = cfg.local_batch_size
     prox = (proximal_mu, anchor)
-    res = train_steps(model, controller, optimizer, x, y, first, batch, generator, *prox)
+    private = cfg.privacy_mode == "record"
+
+    def run(steps: int) -> TrainResult:
+        if private:  # DP-SGD: clipped per-example gradients, noise on the kept weights
+            return dp_train_steps(model, controller, x, y, steps, cfg, generator)
+        return train_steps(model, controller, optimizer, x, y, steps, batch, generator, *prox)
+
+    res = run(first)
     losses, steps = [res.loss * res.steps], res.steps
     dropped = grown = 0
     if fraction is not None and mask is not None:
         scores = None
-        if cfg.dst_rule != "set":  # RigL or a plug-in: scores on a few batches
+        if cfg.dst_rule != "set" and not private:  # RigL or a plug-in; DP: grow at random
             n = min(len(x), 4 * cfg.local_batch_size)
             pick = torch.randperm(len(x), generator=generator)[:n]
             rule = DST_RULES.resolve(cfg.dst_rule)
@@ -109,9 +117,7 @@ def local_round(
         dropped, grown = int(changed.get("dropped", 0)), int(changed.get("grown", 0))
         rest = cfg.local_steps - first
         if rest > 0:
-            res = train_steps(
-                model, controller, optimizer, x, y, rest, batch, generator, *prox
-            )
+            res = run(rest)
             losses.append(res.loss * res.steps)
             steps += res.steps
     return RoundOutcome(

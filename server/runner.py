@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.aggregation.counting import ByteCountingFedAvg
+from strategies.aggregation.dp import DPSparseFedAvg
 from strategies.aggregation.secagg import SecAggSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.aggregation.validate import ReplyLimits
@@ -159,6 +160,18 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
             "quant_bits": cfg.secure_quant_bits,
             "max_weight": cfg.secure_max_weight,
             "neighbors": cfg.secure_neighbors,
+        }
+    elif cfg.privacy_mode != "none":
+        cls = DPSparseFedAvg
+        secure = {  # the DP wrapper's own knobs (strategies/aggregation/dp.py)
+            "privacy_mode": cfg.privacy_mode,
+            "noise_multiplier": cfg.privacy_noise_multiplier,
+            "clip": cfg.privacy_clip,
+            "delta": cfg.privacy_delta,
+            "num_clients": cfg.num_partitions,
+            "adaptive_clip": cfg.privacy_adaptive_clip,
+            "target_quantile": cfg.privacy_target_quantile,
+            "clip_lr": cfg.privacy_clip_lr,
         }
     return cls(
         **secure,

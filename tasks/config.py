@@ -12,6 +12,7 @@ STRATEGIES = ("sparse", "flower-fedavg")
 PARTITIONS = ("iid", "dirichlet", "shards", "sample")
 VALUE_DTYPES = ("fp32", "fp16", "int8")
 DISTRIBUTIONS = ("erk", "uniform")
+PRIVACY_MODES = ("none", "record", "client")
 # SNIP/GraSP need training data, which the server never holds: federated runs start from a
 # random or magnitude mask (own training loops can use strategies.sparse.saliency directly).
 DST_INITS = ("random", "magnitude")
@@ -111,6 +112,15 @@ class LeanfedConfig:
     secure_quant_bits: int = 16  # quantization levels 2^(q-1) - 1 per side of the clip range
     secure_max_weight: int = 4096  # a client's weight is min(examples, this)
     secure_neighbors: int = 0  # SecAgg+ graph degree k (0 = complete graph: SecAgg)
+    # differential privacy (strategies/privacy): "record" = DP-SGD on each site's examples,
+    # "client" = clipped client updates + server noise on the public mask (DP-FedAvg)
+    privacy_mode: str = "none"
+    privacy_noise_multiplier: float = 1.0  # z: noise std / clip
+    privacy_clip: float = 1.0  # per-example (record) or per-update (client) L2 clip C
+    privacy_delta: float = 1e-5
+    privacy_adaptive_clip: bool = False  # client mode: Andrew et al. 2021 geometric update
+    privacy_target_quantile: float = 0.5
+    privacy_clip_lr: float = 0.2
     # run bookkeeping: continue a stored run from its last committed round ("" = new run)
     resume: str = ""
     # (section, name, value) of every "<section>.options.<name>" key, sorted; not a plain key
@@ -256,6 +266,20 @@ class LeanfedConfig:
             need(0.0 <= value <= 1.0, key, "must be in [0, 1]")
         need(0.0 <= self.cl_freeze_fraction < 1.0, "cl.freeze-fraction", "must be in [0, 1)")
         need(self.cl_replay_capacity >= 0, "cl.replay-capacity", "must be >= 0")
+        need(self.privacy_mode in PRIVACY_MODES, "privacy.mode", f"one of {PRIVACY_MODES}")
+        need(self.privacy_noise_multiplier > 0, "privacy.noise-multiplier", "must be > 0")
+        need(self.privacy_clip > 0, "privacy.clip", "must be > 0")
+        need(0.0 < self.privacy_delta < 1.0, "privacy.delta", "must be in (0, 1)")
+        need(0.0 < self.privacy_target_quantile < 1.0, "privacy.target-quantile", "in (0, 1)")
+        need(self.privacy_clip_lr > 0, "privacy.clip-lr", "must be > 0")
+        if self.privacy_mode != "none" and self.strategy == "flower-fedavg":
+            raise ConfigError(
+                "privacy.mode needs strategy = 'sparse': the dense Flower baseline has no DP here"
+            )
+        if self.privacy_mode == "client" and self.secure_mode != "none":
+            raise ConfigError(
+                "privacy.mode = 'client' with secure.mode is not built yet (distributed noise)"
+            )
         need(self.secure_mode in SECURE_MODES, "secure.mode", f"must be one of {SECURE_MODES}")
         need(0.5 <= self.secure_threshold < 1.0, "secure.threshold", "must be in [0.5, 1)")
         need(self.secure_clip > 0, "secure.clip", "must be > 0")
@@ -356,7 +380,7 @@ def _parse_overrides(text: str) -> dict[str, float]:
     return out
 
 
-_SECTIONS = ("partition", "local", "dst", "codec", "aggregation", "cl", "secure")
+_SECTIONS = ("partition", "local", "dst", "codec", "aggregation", "cl", "secure", "privacy")
 
 
 def _coerce(key: str, raw: Any, typ: Any) -> Any:

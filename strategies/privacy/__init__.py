@@ -1,0 +1,1 @@
+"""Differential privacy of sparse updates: DP-SGD, client-level clipping + noise, accounting."""

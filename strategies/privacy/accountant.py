@@ -1,0 +1,78 @@
+"""Privacy accounting with Google's ``dp-accounting`` (RDP of the Poisson-subsampled Gaussian).
+
+Both kinds of DP in leanfed are compositions of the same event: a Gaussian mechanism with
+noise multiplier z (noise std / L2 sensitivity), applied to a Poisson subsample of rate q,
+repeated T times (Abadi et al. 2016; Mironov 2017 for RDP; Mironov, Talwar & Zhang 2019 for
+the subsampled Gaussian). Record-level: q = expected batch / site examples, T = local steps
+so far. Client-level: q = clients per round / all clients, T = rounds so far.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dp_accounting import dp_event, rdp
+
+__all__ = ["PrivacyError", "adaptive_value_noise", "epsilon", "noise_multiplier_for"]
+
+
+class PrivacyError(ValueError):
+    """A DP setting is out of range (noise, clip, sampling rate, delta)."""
+
+
+def _check(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> None:
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise PrivacyError(f"noise multiplier must be > 0 and finite, got {noise_multiplier}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise PrivacyError(f"sampling rate must be in (0, 1], got {sample_rate}")
+    if steps < 0:
+        raise PrivacyError(f"steps must be >= 0, got {steps}")
+    if not 0.0 < delta < 1.0:
+        raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """epsilon(delta) after ``steps`` Poisson-subsampled Gaussian steps (RDP accountant)."""
+    _check(noise_multiplier, sample_rate, steps, delta)
+    if steps == 0:
+        return 0.0
+    accountant = rdp.RdpAccountant()
+    event = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
+    accountant.compose(dp_event.SelfComposedDpEvent(event, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def noise_multiplier_for(
+    target_epsilon: float, sample_rate: float, steps: int, delta: float, *, tol: float = 1e-3
+) -> float:
+    """Smallest noise multiplier (to ``tol``) whose epsilon after ``steps`` is <= the target."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise PrivacyError(f"target epsilon must be > 0 and finite, got {target_epsilon}")
+    lo, hi = 0.05, 1.0
+    while epsilon(hi, sample_rate, steps, delta) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise PrivacyError(f"epsilon {target_epsilon} is out of reach (noise > 1e4)")
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if epsilon(mid, sample_rate, steps, delta) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def adaptive_value_noise(noise_multiplier: float, count_noise: float) -> float:
+    """Noise multiplier of the VALUES when the clipped-count query also spends privacy.
+
+    Andrew et al. 2021 (Thm. 1): releasing the mean with z_d and the unclipped count with
+    std sigma_b costs like one Gaussian of z = (z_d^-2 + (2 sigma_b)^-2)^-1/2; so the values
+    get z_d = (z^-2 - (2 sigma_b)^-2)^-1/2 to keep the overall multiplier at ``noise_multiplier``.
+    """
+    rest = noise_multiplier**-2 - (2 * count_noise) ** -2
+    if rest <= 0:
+        raise PrivacyError(
+            f"count noise {count_noise} is too small for noise multiplier {noise_multiplier}: "
+            f"need count noise > {noise_multiplier / 2}"
+        )
+    return rest**-0.5

@@ -1,0 +1,101 @@
+"""Record-level DP-SGD on a sparse model: per-example clipping, Gaussian noise on kept weights.
+
+Abadi et al. 2016: for a Poisson-sampled batch, each example's gradient g_i is clipped to L2
+norm C, the clipped gradients are summed, Gaussian noise N(0, (z C)^2) is added, and the sum
+is divided by the EXPECTED batch size. Per-example gradients come from ``torch.func``
+(``vmap(grad(...))`` over ``functional_call``), not hand-written hooks.
+
+Sparse: a pruned weight is held at 0 and never updated, so its gradient neither counts toward
+g_i's norm nor receives noise: noise is added only where the mask keeps a weight (tensors
+without a mask entry, e.g. biases, are kept everywhere). Noise on pruned entries would be
+thrown away by the mask anyway, and adding it to zeros would densify the model.
+Models with BatchNorm (cross-example statistics) are not supported by DP-SGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from strategies.privacy.accountant import PrivacyError
+
+__all__ = ["per_example_grads", "poisson_batch", "privatize"]
+
+
+def poisson_batch(n: int, expected_batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson subsample: each of ``n`` examples kept with q = expected / n."""
+    if n < 1 or expected_batch < 1:
+        raise PrivacyError(
+            f"Poisson sampling needs n >= 1 and batch >= 1, got {n}, {expected_batch}"
+        )
+    q = min(1.0, expected_batch / n)
+    return (torch.rand(n, generator=generator) < q).nonzero().squeeze(1)  # [B], B ~ Bin(n, q)
+
+
+def per_example_grads(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy gradient of every trainable parameter, per example: {name: [B, *shape]}."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise PrivacyError(
+                f"DP-SGD cannot train {type(m).__name__}: batch statistics mix examples; "
+                "use GroupNorm/LayerNorm"
+            )
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))  # [1, classes]
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    per_ex = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")
+    return dict(per_ex(params, x, y))
+
+
+def privatize(
+    per_example: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, torch.Size],
+    mask: Mapping[str, torch.Tensor] | None,
+    clip: float,
+    noise_multiplier: float,
+    expected_batch: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """(sum_i clip_C(g_i * m) + N(0, (z C)^2) * m) / expected_batch, per parameter.
+
+    ``per_example``: {name: [B, *shape]} (B may be 0: the result is noise only);
+    ``shapes``: every parameter's shape (for B = 0); ``mask``: bool per sparsified name.
+    """
+    if not clip > 0 or not noise_multiplier >= 0 or expected_batch < 1:
+        raise PrivacyError(
+            f"need clip > 0, noise >= 0, expected batch >= 1; got {clip}, {noise_multiplier}, "
+            f"{expected_batch}"
+        )
+    # 1 where the weight is kept (tensors without a mask entry are kept everywhere)
+    keep = {
+        n: (mask[n].float() if mask is not None and n in mask else torch.ones(s))
+        for n, s in shapes.items()
+    }
+    masked = {n: g * keep[n].to(g.dtype) for n, g in per_example.items()}
+    batch = next(iter(masked.values())).shape[0] if masked else 0
+    if batch:
+        sq = torch.zeros(batch)
+        for g in masked.values():
+            sq += g.reshape(batch, -1).pow(2).sum(dim=1)
+        factor = (clip / (sq.sqrt() + 1e-12)).clamp(max=1.0)  # [B]
+    out: dict[str, torch.Tensor] = {}
+    for n, shape in shapes.items():
+        total = (
+            torch.einsum("b,b...->...", factor, masked[n])
+            if batch and n in masked
+            else torch.zeros(shape)
+        )
+        noise = torch.randn(shape, generator=generator) * (noise_multiplier * clip)
+        noise = noise * keep[n]  # noise only on the weights the mask keeps
+        out[n] = (total + noise) / expected_batch
+    return out
