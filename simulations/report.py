@@ -180,6 +180,12 @@ def _markdown(
         f"| {r.upload_bytes} | {r.download_bytes} | {r.wall_s:.2f} |"
         for r in rounds
     ]
+    private = [r for r in rounds if "dp_epsilon" in r.metrics]
+    if private:  # differential privacy: the accountant's epsilon(delta) after each round
+        delta = private[-1].metrics.get("dp_delta", float("nan"))
+        lines += ["", "## Privacy", "", f"epsilon(delta = {delta:g}) after each round:", ""]
+        lines += ["| round | epsilon |", "|---:|---:|"]
+        lines += [f"| {r.round} | {r.metrics['dp_epsilon']:.3f} |" for r in private]
     clients = store.get_client_results(run.id)
     rejected = [c for c in clients if not c.accepted]
     lines += ["", "## Clients", "", f"- replies stored: {len(clients)}, rejected: {len(rejected)}"]

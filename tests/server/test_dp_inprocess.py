@@ -91,3 +91,33 @@ def test_adaptive_clip_changes_and_is_in_the_state() -> None:
     assert strategy.clip < 2.0 * math.exp(-0.2)
     state = strategy.dp_state_dict()
     assert state == {"dp_rounds": 3, "clip": strategy.clip}
+
+
+def test_epsilon_is_stored_and_shown_by_runs_show_and_report(tmp_path, monkeypatch) -> None:
+    from flwr.app import Context
+    from typer.testing import CliRunner
+
+    from server.app import app as server_app
+    from server.store import RunStore
+    from simulations.cli import app as cli
+    from simulations.report import write_report
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    monkeypatch.setenv("LEANFED_DB_URL", url)
+    cfg = dataclasses.replace(BASE, privacy_mode="client", privacy_noise_multiplier=0.8)
+    grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
+    ctx = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_run_config()
+    )
+    server_app(grid, ctx)
+    with RunStore(url) as store:
+        (run,) = store.list_runs()
+        rounds = store.get_rounds(run.id)
+        assert [r.metrics["dp_epsilon"] for r in rounds] == [
+            epsilon(0.8, 0.5, t, 1e-5) for t in (1, 2)
+        ]
+        report = write_report(store, run.id, tmp_path / "report").read_text()
+    assert "## Privacy" in report and f"{rounds[-1].metrics['dp_epsilon']:.3f}" in report
+    out = CliRunner().invoke(cli, ["runs", "show", run.id, "--db", url])
+    assert out.exit_code == 0, out.output
+    assert "dp_epsilon" in out.output
