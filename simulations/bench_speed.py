@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from client.trainer import evaluate, make_optimizer, train_steps
-from simulations.speed_variants import latency, train_round_s, variants
+from simulations.speed_variants import latencies, train_round_s, variants
 from strategies.sparse.engine import DSTConfig, DSTController
 from strategies.sparse.flops import inference_flops
 from strategies.sparse.masks import Mask, ones_mask, sparsifiable_shapes
@@ -56,13 +56,14 @@ class Plan:
     densities: tuple[float, ...] = (0.5, 0.2, 0.1)
     batches: tuple[int, ...] = (1, 64)
     threads: tuple[int, ...] = (1, 2)
-    epochs: tuple[int, ...] = (8, 6, 4)  # per task: short, but accuracies are real
+    epochs: tuple[int, ...] = (6, 5, 3)  # per task: short, but accuracies are real
     lr: tuple[float, ...] = (0.05, 2e-3, 3e-3)
     optimizer: tuple[str, ...] = ("sgd", "adam", "adam")
     batch_size: int = 64
     update_interval: int = 50
     round_steps: int = 20  # one local round = 20 steps of batch 64 (as in the federated bench)
-    min_run_time: float = 0.3  # seconds per latency measurement
+    blocks: int = 15  # interleaved timing blocks per model (median and IQR over them)
+    block_s: float = 0.02  # seconds per block
     max_train: int | None = None
     max_test: int | None = None
     rule: str = "channel"
@@ -78,7 +79,8 @@ QUICK = replace(
     batch_size=16,
     update_interval=2,
     round_steps=2,
-    min_run_time=0.01,
+    blocks=3,
+    block_s=0.002,
     max_train=64,
     max_test=32,
     optimizer=("adam", "adam", "adam"),
@@ -132,7 +134,7 @@ def _data(plan: Plan, seed: int) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _measure(
+def _model_rows(
     task: str,
     density: float,
     models: dict[str, torch.nn.Module],
@@ -141,18 +143,19 @@ def _measure(
     plan: Plan,
     data: tuple[torch.Tensor, ...],
     seed: int,
-) -> list[dict[str, Any]]:
+) -> dict[str, dict[str, Any]]:
+    """Accuracy, size, FLOPs and one training round of each variant (no latency yet)."""
     x, y, x_test, y_test = data
-    rows = []
-    example = x_test[:1]
+    out = {}
     for variant, model in models.items():
         _, acc = evaluate(model, x_test, y_test)
         # active weights (masked, CSR: nonzeros; condensed: what the small net stores)
         params = sum(p.numel() for p in (model if variant == "condensed" else trained).parameters())
         if variant in ("masked", "csr"):
             params -= sum(int((~m).sum()) for m in mask.values())
-        flops_mask = mask if variant != "dense" else None
-        flops = inference_flops(trained, example, flops_mask) if variant != "condensed" else None
+        flops = None
+        if variant != "condensed":
+            flops = inference_flops(trained, x_test[:1], None if variant == "dense" else mask)
         torch.set_num_threads(1)
         round_s = train_round_s(
             variant,
@@ -163,25 +166,53 @@ def _measure(
             plan.round_steps,
             plan.batch_size,
         )
-        for batch in plan.batches:
-            xb = x_test[:batch]
-            for threads in plan.threads:
-                med, iqr = latency(model, xb, threads, plan.min_run_time)
+        out[f"{variant}@{density:g}"] = {
+            "task": task,
+            "variant": variant,
+            "density": density,
+            "accuracy": acc,
+            "train_round_s": None if round_s is None else round(round_s, 4),
+            "params": params,
+            "inference_flops": flops,
+            "rule": "dense" if variant == "dense" else plan.rule,
+            "seed": seed,
+        }
+    return out
+
+
+def _task_rows(
+    task: int, plan: Plan, data: tuple[torch.Tensor, ...], seed: int, log: Console | None, t0: float
+) -> list[dict[str, Any]]:
+    """Train the task's dense and sparse models, then time all of them side by side."""
+    name = plan.tasks[task]
+    torch.set_num_threads(1)  # training on one thread: steadier on a shared machine
+    dense, _ = _train(task, plan, "dense", 1.0, data, seed)
+    full = ones_mask(sparsifiable_shapes(dense))
+    models = {"dense@1": dense}
+    base = _model_rows(name, 1.0, {"dense": dense}, full, dense, plan, data, seed)
+    for density in plan.densities:
+        torch.set_num_threads(1)
+        sparse, mask = _train(task, plan, plan.rule, density, data, seed)
+        group = variants(dense, sparse, mask)
+        del group["dense"]
+        base |= _model_rows(name, density, group, mask, sparse, plan, data, seed)
+        models |= {f"{v}@{density:g}": m for v, m in group.items()}
+        if log is not None:
+            log.print(f"{name} d={density:g} trained ({time.perf_counter() - t0:.0f} s)")
+    rows = []
+    x_test = data[2]
+    for batch in plan.batches:
+        for threads in plan.threads:
+            lat = latencies(models, x_test[:batch], threads, plan.blocks, plan.block_s)
+            for key, (med, iqr, cpu) in lat.items():
                 rows.append(
                     {
-                        "task": task,
-                        "variant": variant,
-                        "density": density,
+                        **base[key],
                         "batch": batch,
                         "threads": threads,
                         "latency_ms": round(med, 4),
                         "latency_ms_iqr": round(iqr, 4),
-                        "accuracy": acc,
-                        "train_round_s": None if round_s is None else round(round_s, 4),
-                        "params": params,
-                        "inference_flops": flops,
-                        "rule": "dense" if variant == "dense" else plan.rule,
-                        "seed": seed,
+                        "cpu_ms": round(cpu, 4),
                     }
                 )
     return rows
@@ -190,29 +221,16 @@ def _measure(
 def run_speed(
     out_dir: Path, seed: int = 0, quick: bool = False, log: Console | None = None
 ) -> list[dict[str, Any]]:
-    """Run the benchmark; writes DIR/results.json (after every model), results.md and a plot."""
+    """Run the benchmark; writes DIR/results.json (after every task), results.md and a plot."""
     plan = QUICK if quick else FULL
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = _data(plan, seed)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for i, task in enumerate(plan.tasks):
-        torch.set_num_threads(1)  # training on one thread: steadier on a shared machine
-        dense, _ = _train(i, plan, "dense", 1.0, data, seed)
-        full = ones_mask(sparsifiable_shapes(dense))
-        dense_models = {"dense": dense}
-        rows += _measure(task, 1.0, dense_models, full, dense, plan, data, seed)
-        for density in plan.densities:
-            torch.set_num_threads(1)
-            sparse, mask = _train(i, plan, plan.rule, density, data, seed)
-            models = variants(dense, sparse, mask)
-            del models["dense"]
-            rows += _measure(task, density, models, mask, sparse, plan, data, seed)
-            (out_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-            if log is not None:
-                log.print(f"{task} d={density:g} done ({time.perf_counter() - t0:.0f} s)")
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    for i in range(len(plan.tasks)):
+        rows += _task_rows(i, plan, data, seed, log, t0)
+        (out_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     total = time.perf_counter() - t0
     (out_dir / "results.md").write_text(
         markdown_table(rows) + f"\n\nTotal wall time: {total:.0f} s\n"
@@ -226,11 +244,12 @@ def _get(rows: list[dict[str, Any]], **kw: Any) -> dict[str, Any] | None:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Batch 1 / 1 thread and batch 64 / 2 threads latencies, ratios to dense, accuracy."""
+    """Per model: accuracy, size, batch-1/1-thread wall and CPU latency, batch-64/2-thread
+    latency, training round; each with its ratio to the dense model of the same task."""
     head = (
         "| task | variant | density | accuracy (%) | params | b1 t1 ms (IQR) | vs dense "
-        "| b64 t2 ms (IQR) | vs dense | train round s | vs dense |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| b1 t1 CPU ms | vs dense | b64 t2 ms (IQR) | vs dense | train round s | vs dense |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     out = [head]
     b_hi = max(r["batch"] for r in rows)
@@ -254,6 +273,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['task']} | {r['variant']} | {r['density']:g} | {100 * r['accuracy']:.1f} "
             f"| {r['params']:,} | {r['latency_ms']:.3f} ({r['latency_ms_iqr']:.3f}) "
             f"| {r['latency_ms'] / d1['latency_ms']:.2f}x "
+            f"| {r['cpu_ms']:.3f} | {r['cpu_ms'] / d1['cpu_ms']:.2f}x "
             f"| {hi['latency_ms']:.2f} ({hi['latency_ms_iqr']:.2f}) "
             f"| {hi['latency_ms'] / dhi['latency_ms']:.2f}x "
             f"| {'-' if rs is None else f'{rs:.3f}'} "

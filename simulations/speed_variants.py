@@ -23,7 +23,7 @@ from torch.utils import benchmark
 from strategies.sparse.condense import condense, condensed_mask, swappable_linears
 from strategies.sparse.masks import Mask, apply_mask
 
-__all__ = ["CSRLinear", "latency", "to_csr", "train_round_s", "variants"]
+__all__ = ["CSRLinear", "latencies", "to_csr", "train_round_s", "variants"]
 
 
 class CSRLinear(nn.Module):
@@ -70,17 +70,43 @@ def variants(dense: nn.Module, sparse: nn.Module, mask: Mask) -> dict[str, nn.Mo
     }
 
 
-def latency(
-    model: nn.Module, x: torch.Tensor, threads: int, min_run_time: float
-) -> tuple[float, float]:
-    """(median, IQR) of one forward pass in ms, ``torch.utils.benchmark`` on ``threads``."""
+def latencies(
+    models: dict[str, nn.Module], x: torch.Tensor, threads: int, blocks: int, block_s: float
+) -> dict[str, tuple[float, float, float]]:
+    """Per model: (median ms, IQR ms, CPU ms of the calling thread) of one forward pass.
+
+    The models are timed INTERLEAVED: ``blocks`` rounds, each running every model for about
+    ``block_s`` seconds (``torch.utils.benchmark.Timer.timeit``), so load from other jobs on
+    a shared machine hits every model alike; median and IQR are over the blocks. With one
+    thread the forward runs on the calling thread, so its CPU time (``time.thread_time``) is
+    a load-independent cost; with more threads it misses the pool threads' share.
+    """
+    timers = {}
+    number = {}
     with torch.inference_mode():
-        model(x)  # warm-up: caches (GNN adjacency), allocator, one-time kernel selection
-        timer = benchmark.Timer(
-            stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads
+        for name, model in models.items():
+            model(x)  # warm-up: caches (GNN adjacency), allocator, kernel selection
+            t = benchmark.Timer(
+                stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads
+            )
+            once = t.timeit(1).median
+            timers[name], number[name] = t, max(1, int(block_s / max(once, 1e-6)))
+        wall: dict[str, list[float]] = {n: [] for n in models}
+        cpu: dict[str, list[float]] = {n: [] for n in models}
+        for _ in range(blocks):
+            for name, t in timers.items():
+                c0 = time.thread_time()
+                wall[name].append(t.timeit(number[name]).median)
+                cpu[name].append((time.thread_time() - c0) / number[name])
+    out = {}
+    for name in models:
+        q = statistics.quantiles(wall[name], n=4) if blocks > 1 else [wall[name][0]] * 3
+        out[name] = (
+            1e3 * statistics.median(wall[name]),
+            1e3 * (q[2] - q[0]),
+            1e3 * statistics.median(cpu[name]),
         )
-        m = timer.blocked_autorange(min_run_time=min_run_time)
-    return 1e3 * m.median, 1e3 * m.iqr
+    return out
 
 
 def _round(

@@ -21,7 +21,7 @@ def test_quick_run_writes_valid_results(tmp_path: Path) -> None:
     for r in rows:
         assert set(REQUIRED_KEYS) <= set(r)
         assert 0.0 <= r["accuracy"] <= 1.0
-        assert r["latency_ms"] > 0 and r["latency_ms_iqr"] >= 0
+        assert r["latency_ms"] > 0 and r["latency_ms_iqr"] >= 0 and r["cpu_ms"] >= 0
         assert (r["train_round_s"] is None) == (r["variant"] == "csr")
         assert r["density"] == (1.0 if r["variant"] == "dense" else 0.5)
     assert {r["task"] for r in rows} == {"cnn", "transformer", "gnn"}
