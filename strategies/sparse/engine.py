@@ -60,7 +60,7 @@ from strategies.sparse.saliency import LossFn, saliency_mask, saliency_scores
 from strategies.sparse.schedules import CosineDecay, GMPSchedule
 from strategies.sparse.scores import magnitude_score
 from strategies.sparse.selection import predicate_selection, select_sparsifiable
-from strategies.sparse.structured import NM, structured_init
+from strategies.sparse.structured import NM, ablate_units, structured_init
 from strategies.sparse.structured_rules import STRUCTURES
 from strategies.sparse.units import unit_groups, zero_dead_shifts
 
@@ -114,6 +114,8 @@ class DSTController:
         self._dense_grads: dict[str, torch.Tensor] = {}
         self.groups = unit_groups(model) if config.rule in STRUCTURED_RULES else []
         self.structure = self._structures(config.rule)
+        # srigl: constant fan-in plus neuron ablation where a unit can really be removed
+        self._ablatable = {g.producer for g in self.groups} if config.rule == "srigl" else set()
 
         self.cosine: CosineDecay | None = None
         self.gmp: GMPSchedule | None = None
@@ -376,6 +378,7 @@ class DSTController:
             prot = None if protected is None or n not in protected else protected[n]
             new_full = self.mask[n].clone()
             changed = torch.zeros_like(new_full)
+            updated = 0
             # Each unit (a layer, or one slice of a fused q/k/v projection) keeps its own
             # active count: budgets never move between slices.
             for rows in self._units(n):
@@ -417,6 +420,14 @@ class DSTController:
                     p[rows].masked_fill_(grown, 0.0)
                 dropped_total += k
                 grown_total += k
+                updated += k
+            if updated and grad is not None and n in self._ablatable:
+                # SRigL neuron ablation on declared unit producers (see structured.ablate_units)
+                ablated = ablate_units(new_full, p, grad, updated)
+                with torch.no_grad():
+                    p.masked_fill_(ablated & ~new_full, 0.0)  # re-activated: start at 0
+                changed |= ablated ^ new_full
+                new_full = ablated
             self.mask[n] = new_full
             with torch.no_grad():
                 p.masked_fill_(~new_full, 0.0)
@@ -435,9 +446,7 @@ class DSTController:
                 m = self.mask[n][rows]
                 unit = n if self.slices.get(n, 1) <= 1 else f"{n}#{i}"
                 target = (
-                    m.numel()
-                    if targets is None
-                    else target_active_count(m.numel(), targets[unit])
+                    m.numel() if targets is None else target_active_count(m.numel(), targets[unit])
                 )
                 new = magnitude_prune_to(m, magnitude_score(p.detach()[rows]), target)
                 if bool((new & ~m).any()):

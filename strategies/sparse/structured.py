@@ -30,6 +30,7 @@ from strategies.sparse.masks import Mask, MaskError
 
 __all__ = [
     "NM",
+    "ablate_units",
     "channel_drop",
     "channel_grow",
     "check_structure",
@@ -243,3 +244,60 @@ def structured_vote(
     mag = tiebreak.detach().abs().double()
     score = votes.double().floor() + mag / (1.0 + float(mag.max()) if mag.numel() else 1.0)
     return _structured_from_scores(score, kind, density, nm)
+
+
+def ablate_units(
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    n_update: int,
+    gamma: float = 0.3,
+) -> torch.Tensor:
+    """SRigL neuron ablation (Lasby et al. 2023, Sec. 3): remove units with too few salient
+    weights and give their budget to the others as a larger constant fan-in.
+
+    Salient = what unstructured RigL would keep this update: the ``K - n_update`` active
+    entries with the largest |w| plus the ``n_update`` inactive ones with the largest |g|
+    (K = active count). A live unit with fewer than ``gamma * k`` salient entries is ablated
+    (at least ``ceil(K / fan_in)`` units survive). The R survivors get fan-in ``k' = K // R``,
+    chosen per row salient first, then active, then by |w| (active) or |g| (inactive), so the
+    count becomes ``R * k'``: it drops by ``K mod R < R`` (SRigL keeps it "approximately").
+    Without ablation the mask is returned unchanged.
+    """
+    m = _rows(mask)
+    alive = m.any(1)
+    counts = m.sum(1)
+    if not bool(alive.any()):
+        return mask.clone()
+    k = int(counts[alive].max())
+    total = int(m.sum())
+    n_update = max(0, min(n_update, total, m.numel() - total))
+    w = _rows(weight.detach().abs().float())
+    g = _rows(grad.detach().abs().float())
+    keep = _topk_flat(torch.where(m, w, -math.inf), total - n_update) & m
+    grow = _topk_flat(torch.where(m, -math.inf, g), n_update) & ~m
+    salient = keep | grow
+    n_sal = salient.sum(1)
+    ablate = alive & (n_sal < gamma * k)
+    # The survivors must hold the budget: R >= ceil(K / fan_in). Spare the most salient.
+    need = -(-total // m.shape[1]) - int((alive & ~ablate).sum())
+    if need > 0:
+        order = torch.argsort(n_sal.masked_fill(~ablate, -1), descending=True, stable=True)
+        ablate[order[:need]] = False
+    if not bool(ablate.any()):
+        return mask.clone()
+    survivors = alive & ~ablate
+    k_new = total // int(survivors.sum())  # <= fan_in since R >= ceil(K / fan_in)
+    # Lexicographic priority per row: salient (4), active (2), then the normalised value.
+    val = torch.where(m, w / (float(w.max()) + 1e-12), g / (float(g.max()) + 1e-12))
+    prio = 4.0 * salient + 2.0 * m + val.clamp(0.0, 0.999)
+    out = _topk_rows(prio.double(), k_new) & survivors.unsqueeze(1)
+    return out.view(mask.shape)
+
+
+def _topk_flat(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k highest entries of ``score`` over the whole tensor."""
+    out = torch.zeros(score.numel(), dtype=torch.bool)
+    if k > 0:
+        out[torch.argsort(score.reshape(-1), descending=True, stable=True)[:k]] = True
+    return out.view(score.shape)

@@ -11,6 +11,7 @@ from strategies.sparse.masks import MaskError, sparsifiable_shapes
 from strategies.sparse.prune_grow import LayerState, check_prune_grow, get_drop_rule, get_grow_rule
 from strategies.sparse.scores import channel_gradient_score, channel_l2_score
 from strategies.sparse.structured import (
+    ablate_units,
     channel_drop,
     channel_grow,
     check_structure,
@@ -120,8 +121,14 @@ def test_engine_structured_rules_keep_invariants(rule: str, distribution: str) -
         c.check_invariants()
         for n, m in c.mask.items():
             check_structure(m, kinds[n])
-            assert int(m.sum()) == counts[n]
-            if kinds[n] != "channel":
+            if rule == "srigl" and n in ("fc1.weight", "fc2.weight"):
+                # neuron ablation: the count may fall by less than one unit's share
+                units = int(before[n].any(1).sum())
+                assert counts[n] - units < int(m.sum()) <= counts[n]
+                counts[n] = int(m.sum())
+            else:
+                assert int(m.sum()) == counts[n]
+            if kinds[n] != "channel" and not (rule == "srigl" and n != "fc3.weight"):
                 assert torch.equal(row_counts(m), row_counts(before[n]))
         for g in unit_groups(model):  # dead units' biases held at exactly 0
             dead = ~c.mask[g.producer].any(1)
@@ -156,3 +163,29 @@ def test_structured_consensus_vote(kind: str) -> None:
         consensus_mask(same, {"w": 0.5}, {"w": tie}, structure={"w": kind})["w"], masks[0]
     )
     assert torch.equal(structured_vote(votes, kind, 0.5, tie), out)
+
+
+def test_srigl_ablation_exact() -> None:
+    w = torch.tensor([[5.0, 4.0, 0.0, 0.0], [0.1, 0.2, 0.0, 0.0], [0.0, 0.0, 3.0, 6.0]])
+    mask = w != 0
+    g = torch.tensor([[0.0, 0.0, 9.0, 1.0], [0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    # RigL would keep 6, 5, 4, 3, 0.2 and grow (0, 2): salient per unit 3, 1, 2;
+    # unit 1 has 1 < 0.6 * 2 salient weights -> ablated; the others get fan-in 6 // 2 = 3.
+    out = ablate_units(mask, w, g, n_update=1, gamma=0.6)
+    assert out.int().tolist() == [[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1]]
+    assert torch.equal(ablate_units(mask, w, g, n_update=1, gamma=0.1), mask)  # nothing to ablate
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer(), st.floats(0.0, 1.0))
+def test_srigl_ablation_properties(spec: tuple[torch.Size, float, int, int], gamma: float) -> None:
+    shape, density, n, seed = spec
+    gen = torch.Generator().manual_seed(seed)
+    mask = structured_init({"w": shape}, {"w": density}, {"w": "fanin"}, gen)["w"]
+    w = torch.randn(shape, generator=gen) * mask
+    out = ablate_units(mask, w, torch.randn(shape, generator=gen), n, gamma)
+    check_structure(out, "fanin")  # constant fan-in after ablation
+    units_before, units_after = int(mask.any(1).sum()), int(out.any(1).sum())
+    assert 1 <= units_after <= units_before
+    assert bool((out.any(1) <= mask.any(1)).all())  # ablated units never come back here
+    assert int(mask.sum()) - units_after < int(out.sum()) <= int(mask.sum())
