@@ -6,11 +6,13 @@ import itertools
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from server.store import RoundInfo, RunInfo, RunStore
+from simulations.continual_summary import accuracy_matrix, task_rows
 
 MB = 1_000_000.0
 
@@ -24,6 +26,36 @@ def _rounds_axis(ax: Axes) -> None:
     ax.grid(alpha=0.3)
 
 
+def settings(config: dict[str, object]) -> dict[str, str]:
+    """What a run was: dataset, model, strategy (with its rule) and DST rule at its density."""
+
+    def get(key: str, default: str = "-") -> str:
+        return str(config.get(key, default))
+
+    strategy = get("strategy")
+    if strategy == "sparse":
+        strategy = f"sparse/{get('aggregation.rule', 'mean')}"
+    rule = get("dst.rule")
+    density = "1" if rule == "dense" else get("dst.density")
+    return {
+        "dataset": get("dataset"),
+        "model": get("model"),
+        "strategy": strategy,
+        "DST rule": rule,
+        "density": density,
+    }
+
+
+def _title(fig: Figure, run: RunInfo) -> None:
+    """The run's name and key settings on every plot, so a PNG makes sense on its own."""
+    st = settings(run.config)
+    fig.suptitle(
+        f"{run.name or run.id[:12]}: {st['dataset']}, model {st['model']}, {st['strategy']}, "
+        f"DST {st['DST rule']} at density {st['density']}",
+        fontsize="small",
+    )
+
+
 def _save(fig: Figure, path: Path) -> Path:
     # Figure() without pyplot: no global state, no GUI backend; savefig picks Agg for PNG.
     fig.tight_layout()
@@ -31,25 +63,40 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _plot_accuracy_loss(rounds: list[RoundInfo], path: Path) -> Path | None:
+def _plot_accuracy_loss(run: RunInfo, rounds: list[RoundInfo], path: Path) -> Path | None:
     acc = [(r.round, r.accuracy) for r in rounds if r.accuracy is not None]
     loss = [(r.round, r.train_loss) for r in rounds if r.train_loss is not None]
-    if not acc and not loss:
+    test_loss = [(r.round, r.metrics["loss"]) for r in rounds if "loss" in r.metrics]
+    if not acc and not loss and not test_loss:
         return None
-    fig = Figure(figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.8))
     ax_acc, ax_loss = fig.subplots(1, 2)
     if acc:
         ax_acc.plot(*zip(*acc, strict=True), marker="o")
-    ax_acc.set(title="accuracy", xlabel="round", ylabel="accuracy")
+    dataset = settings(run.config)["dataset"]
+    ax_acc.set(
+        title=f"global model on the held-out test set of {dataset}",
+        xlabel="round",
+        ylabel="test accuracy",
+    )
+    if test_loss:
+        ax_loss.plot(*zip(*test_loss, strict=True), marker="o", label="test loss (held-out set)")
     if loss:
-        ax_loss.plot(*zip(*loss, strict=True), marker="o", color="tab:red")
-    ax_loss.set(title="training loss", xlabel="round", ylabel="loss")
+        ax_loss.plot(
+            *zip(*loss, strict=True),
+            marker="s",
+            linestyle="--",
+            label="train loss (clients' local steps, example-weighted)",
+        )
+    ax_loss.set(title="loss", xlabel="round", ylabel="cross-entropy")
+    ax_loss.legend(fontsize="x-small")
     for ax in (ax_acc, ax_loss):
         _rounds_axis(ax)
+    _title(fig, run)
     return _save(fig, path)
 
 
-def _plot_bytes(rounds: list[RoundInfo], path: Path) -> Path:
+def _plot_bytes(run: RunInfo, rounds: list[RoundInfo], path: Path) -> Path:
     xs = [r.round for r in rounds]
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -58,10 +105,13 @@ def _plot_bytes(rounds: list[RoundInfo], path: Path) -> Path:
     ax.set(title="cumulative bytes on the wire", xlabel="round", ylabel="MB")
     _rounds_axis(ax)
     ax.legend()
+    _title(fig, run)
     return _save(fig, path)
 
 
-def _plot_layer_densities(series: list[tuple[int, dict[str, float]]], path: Path) -> Path | None:
+def _plot_layer_densities(
+    run: RunInfo, series: list[tuple[int, dict[str, float]]], path: Path
+) -> Path | None:
     layers = sorted({name for _, d in series for name in d})
     if not layers:
         return None
@@ -70,9 +120,13 @@ def _plot_layer_densities(series: list[tuple[int, dict[str, float]]], path: Path
     for name in layers:
         pts = [(r, d[name]) for r, d in series if name in d]
         ax.plot(*zip(*pts, strict=True), marker=".", label=name)
+    target = run.config.get("dst.density")
+    if isinstance(target, int | float) and run.config.get("dst.rule") != "dense":
+        ax.axhline(float(target), color="black", linestyle=":", label=f"target {target}")
     ax.set(title="consensus-mask density per layer", xlabel="round", ylabel="density")
     ax.set_ylim(0, 1.05)
     _rounds_axis(ax)
+    _title(fig, run)
     if len(layers) <= 12:
         ax.legend(fontsize="x-small")
     return _save(fig, path)
@@ -89,21 +143,73 @@ def _acc_vs_upload(rounds: list[RoundInfo]) -> tuple[list[float], list[float]]:
 
 
 def _plot_acc_vs_upload(
-    rounds: list[RoundInfo], path: Path, baseline: tuple[RunInfo, list[RoundInfo]] | None
+    run: RunInfo,
+    rounds: list[RoundInfo],
+    path: Path,
+    baseline: tuple[RunInfo, list[RoundInfo]] | None,
 ) -> Path | None:
     xs, ys = _acc_vs_upload(rounds)
     if not xs:
         return None
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    ax.plot(xs, ys, marker="o", label="this run")
+    ax.plot(xs, ys, marker="o", label="this run", zorder=3)
     if baseline is not None:
         bx, by = _acc_vs_upload(baseline[1])
-        if bx:
-            ax.plot(bx, by, marker="s", linestyle="--", label=f"baseline {baseline[0].name}")
-    ax.set(title="accuracy vs uploaded MB", xlabel="cumulative upload (MB)", ylabel="accuracy")
+        if bx:  # hollow markers, dashed and translucent: overlapping arms stay visible
+            ax.plot(
+                bx,
+                by,
+                marker="s",
+                markerfacecolor="none",
+                linestyle="--",
+                alpha=0.8,
+                label=f"baseline {baseline[0].name}",
+                zorder=2,
+            )
+    ax.set(
+        title="test accuracy vs uploaded MB",
+        xlabel="cumulative upload (MB)",
+        ylabel="test accuracy",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
+    _title(fig, run)
+    return _save(fig, path)
+
+
+def _plot_accuracy_matrix(run: RunInfo, rounds: list[RoundInfo], path: Path) -> Path | None:
+    """Heat map of R[i, j]: accuracy on task j's test set after experience i."""
+    rpt = run.config.get("cl.rounds-per-task")
+    if not isinstance(rpt, int):
+        return None
+    found = accuracy_matrix(task_rows({r.round: r.metrics for r in rounds}), rpt)
+    if found is None:
+        return None
+    r = found[0].r
+    fig = Figure(figsize=(1.2 * r.shape[1] + 2.5, 1.0 * r.shape[0] + 2.0))
+    ax = fig.subplots()
+    im = ax.imshow(r, vmin=0.0, vmax=1.0, cmap="viridis")
+    for (i, j), v in np.ndenumerate(r):
+        if not np.isnan(v):
+            ax.text(
+                j,
+                i,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                color="white" if v < 0.6 else "black",
+                fontsize="small",
+            )
+    ax.set(
+        title="accuracy matrix R[i, j] (test sets)",
+        xlabel="evaluated on task j",
+        ylabel="after experience i",
+    )
+    ax.set_xticks(range(r.shape[1]))
+    ax.set_yticks(range(r.shape[0]))
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _title(fig, run)
     return _save(fig, path)
 
 
@@ -162,6 +268,7 @@ def _markdown(
         "bytes": "Cumulative bytes each way",
         "layer_density": "Consensus-mask density per layer",
         "accuracy_vs_upload": "Accuracy vs uploaded MB",
+        "accuracy_matrix": "Continual accuracy matrix",
     }
     for key, title in titles.items():
         img = images.get(key)
@@ -218,12 +325,15 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, Path | None] = {
-        "accuracy_loss": _plot_accuracy_loss(rounds, out / "accuracy_loss.png"),
-        "bytes": _plot_bytes(rounds, out / "bytes.png") if rounds else None,
+        "accuracy_loss": _plot_accuracy_loss(run, rounds, out / "accuracy_loss.png"),
+        "bytes": _plot_bytes(run, rounds, out / "bytes.png") if rounds else None,
         "layer_density": _plot_layer_densities(
-            store.get_layer_densities(run_id), out / "layer_density.png"
+            run, store.get_layer_densities(run_id), out / "layer_density.png"
         ),
-        "accuracy_vs_upload": _plot_acc_vs_upload(rounds, out / "accuracy_vs_upload.png", baseline),
+        "accuracy_vs_upload": _plot_acc_vs_upload(
+            run, rounds, out / "accuracy_vs_upload.png", baseline
+        ),
+        "accuracy_matrix": _plot_accuracy_matrix(run, rounds, out / "accuracy_matrix.png"),
     }
     report = out / "report.md"
     report.write_text(_markdown(store, run, rounds, images, baseline), encoding="utf-8")

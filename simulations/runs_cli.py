@@ -24,6 +24,7 @@ from server.security.signing import is_private_key_file, key_path, load_signer, 
 from server.store import RunInfo, RunStore, StoreError, resolve_db_url
 from simulations.continual_summary import cl_summary, format_cl, task_rows
 from simulations.edge import new_app, print_error
+from simulations.report import settings
 
 DbOption = Annotated[
     str | None,
@@ -101,24 +102,6 @@ def _is_rate(key: str) -> bool:
     words = set(key.replace(".", "_").replace("-", "_").split("_"))
     return bool(words & {"accuracy", "acc", "loss", "density", "norm", "fraction", "lr"})
 
-
-def settings(config: dict[str, object]) -> dict[str, str]:
-    """What a run was: dataset, model, strategy (with its rule) and DST rule at its density."""
-    def get(key: str, default: str = "-") -> str:
-        return str(config.get(key, default))
-
-    strategy = get("strategy")
-    if strategy == "sparse":
-        strategy = f"sparse/{get('aggregation.rule', 'mean')}"
-    rule = get("dst.rule")
-    density = "1" if rule == "dense" else get("dst.density")
-    return {
-        "dataset": get("dataset"),
-        "model": get("model"),
-        "strategy": strategy,
-        "DST rule": rule,
-        "density": density,
-    }
 
 
 @runs_app.command("list")

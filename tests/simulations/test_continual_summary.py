@@ -85,3 +85,61 @@ def test_runs_list_and_show_say_what_a_run_was(tmp_path: Path) -> None:
     assert "ACC 0.733, BWT -0.200" in res.output and "examples.my_plugins:tiny_net" in res.output
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.startswith("leanfed ")
+
+
+def test_report_plots_the_accuracy_matrix_and_names_the_run(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    import simulations.report as report
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    config = {
+        "dataset": "digits",
+        "model": "mlp",
+        "strategy": "sparse",
+        "dst.rule": "rigl",
+        "dst.density": 0.2,
+        "cl.scenario": "split-mnist",
+        "cl.rounds-per-task": 1,
+    }
+    titles: list[str] = []
+    real_save = report._save
+
+    def spy(fig: Figure, path: Path) -> Path:
+        titles.append(fig._suptitle.get_text() if fig._suptitle else "")
+        return real_save(fig, path)
+
+    with RunStore(url) as store:
+        run = store.create_run(config, seed=0, name="cl-run")
+        for rnd, row in enumerate(R, start=1):
+            store.record_round(
+                run,
+                rnd,
+                metrics={
+                    "accuracy": 0.5,
+                    "loss": 1.0,
+                    **{f"task_acc.{j}": a for j, a in enumerate(row)},
+                },
+                upload_bytes=1,
+                download_bytes=1,
+                wall_s=0.1,
+                density=0.2,
+                client_results=[],
+                mask_blob=b"\xff",
+                layer_densities={"fc.weight": 0.2},
+                checkpoint=b"c",
+                events=[],
+                train_loss=1.5,
+                accuracy=0.5,
+            )
+        store.finish_run(run, "completed")
+        report._save = spy  # type: ignore[assignment]
+        try:
+            md = report.write_report(store, run, tmp_path / "out")
+        finally:
+            report._save = real_save  # type: ignore[assignment]
+    assert (tmp_path / "out" / "accuracy_matrix.png").stat().st_size > 0
+    assert "accuracy_matrix.png" in md.read_text()
+    assert titles and all(
+        t.startswith("cl-run: digits, model mlp, sparse/mean, DST rigl") for t in titles
+    )
