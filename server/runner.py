@@ -8,6 +8,7 @@ the strategy in :class:`RoundOffset` so rounds keep their absolute numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -34,6 +35,7 @@ from strategies.sparse.selection import parse_patterns, select_sparsifiable
 from tasks.config import ConfigError, LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
+from tasks.partition import make_partition
 from tasks.plugins import merge_options, rule_options, run_dataset, run_model
 from tasks.scenarios import make_scenario
 
@@ -204,6 +206,28 @@ def reply_limits(cfg: LeanfedConfig) -> ReplyLimits:
     )
 
 
+def known_partition_sizes(grid: Grid, cfg: LeanfedConfig, ds: Dataset) -> dict[int, int]:
+    """node_id -> training examples, where the server knows which partition a node holds.
+
+    Only for a simulated, non-continual run on a grid that says (``partition_of``, as
+    simulations.grid.InProcessGrid does): then a node trains on exactly its partition.
+    """
+    partition_of = getattr(grid, "partition_of", None)
+    if cfg.cl_scenario != "none" or not callable(partition_of):
+        return {}
+    nodes = list(grid.get_node_ids())
+    part = make_partition(
+        cfg.partition_scheme,
+        ds.y_train,
+        len(nodes),
+        cfg.seed,
+        cfg.partition_alpha,
+        cfg.partition_shards,
+        cfg.partition_sample_size,
+    )
+    return {node: len(part.indices[int(partition_of(node))]) for node in nodes}
+
+
 class RoundOffset(Strategy):
     """Delegates every hook with ``server_round + offset``: a resumed run keeps round numbers."""
 
@@ -298,6 +322,9 @@ def run_federated(
         strategy = build_strategy(cfg)
         if isinstance(strategy, SparseFedAvg) and strategy.density < 1.0:
             strategy.mask = sparse_init(model, cfg)
+    sizes = known_partition_sizes(grid, cfg, ds)
+    if sizes:  # "num-examples" may not exceed what the node holds
+        strategy.limits = dataclasses.replace(strategy.limits, partition_sizes=sizes)
     offset = start_round - 1
     summary = RunSummary(config=cfg)
     clock = {"t": time.perf_counter()}

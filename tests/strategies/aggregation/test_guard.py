@@ -139,3 +139,19 @@ def test_evaluate_replies_checked_and_recorded(tmp_path: Path) -> None:
         assert len(rows) == len(ctxs) and all(r.accepted for r in rows)
     finally:
         store.close()
+
+
+def test_server_knows_simulated_partition_sizes() -> None:
+    from client.app import app
+    from client.data import local_data
+    from server.runner import _dataset, known_partition_sizes
+    from simulations.grid import InProcessGrid
+    from tasks.config import LeanfedConfig
+
+    cfg = LeanfedConfig(num_partitions=4)
+    grid = InProcessGrid(app, 4, cfg.to_run_config())
+    sizes = known_partition_sizes(grid, cfg, _dataset(cfg.dataset, cfg.seed))
+    assert sorted(sizes) == sorted(grid.node_ids)
+    for node, n in sizes.items():
+        assert n == len(local_data(cfg, dict(grid.contexts[node].node_config)).y)
+    assert known_partition_sizes(grid, cfg.replace(cl_scenario="split-mnist"), None) == {}  # type: ignore[arg-type]
