@@ -190,6 +190,7 @@ def _write_values(flat: torch.Tensor, value_dtype: str, name: str) -> tuple[int,
     raise CodecError(f"value_dtype must be one of {VALUE_DTYPES}, got {value_dtype!r}")
 
 
+_MAX_INT8_SCALE = float(np.finfo(np.float32).max) / 128.0
 _LOSSY_WIRE: dict[int, np.dtype] = {
     _VAL_FP32: np.dtype("<f4"),
     _VAL_FP16: np.dtype("<f2"),
@@ -218,7 +219,8 @@ def _read_values(
         scale = None
         if code == _VAL_INT8:
             (scale,) = struct.unpack("<f", r.take(4, f"int8 scale of {name!r}"))
-            if not np.isfinite(scale) or scale < 0:
+            # scale * 127 must stay finite in fp32 (the largest value the tensor can hold)
+            if not np.isfinite(scale) or not 0 <= scale <= _MAX_INT8_SCALE:
                 raise CodecError(f"tensor {name!r}: invalid int8 scale {scale}")
         wire = _LOSSY_WIRE[code]
         native = np.dtype(np.float32)
