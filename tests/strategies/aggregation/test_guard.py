@@ -16,6 +16,7 @@ from server.store import RunStore
 from simulations.fuzz_campaign import Federation, task_identity
 from simulations.hostile import honest_evaluate_reply, honest_train
 from strategies.aggregation.merge import ClientUpdate
+from strategies.aggregation.rules import as_rule
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +70,7 @@ def test_non_finite_merge_rejects_the_round_and_keeps_the_model() -> None:
     def exploding(updates: list[ClientUpdate], previous: dict) -> dict:
         return {k: v + float("inf") for k, v in previous.items()}
 
-    fed.strategy.merge_rule = exploding
+    fed.strategy.rule = as_rule(exploding)
     _, ctxs = _train_round(fed)
     arrays, metrics = fed.strategy.aggregate_train(fed.round, [c.reply() for c in ctxs])
     assert arrays is None and metrics is not None and metrics["round_rejected"] == 1
