@@ -28,6 +28,7 @@ from rich.console import Console  # noqa: E402
 from client.app import app as client_app  # noqa: E402
 from server.runner import run_federated  # noqa: E402
 from simulations.bench_federated import base_config  # noqa: E402
+from simulations.bench_privacy_dp import dp_rows  # noqa: E402
 from simulations.grid import DropoutGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
 
@@ -123,6 +124,30 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def plot_dp(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Final accuracy vs epsilon (inf drawn at the right edge), one line per kind x density."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = [r["epsilon"] for r in rows if r["epsilon"] is not None] or [1.0]
+    inf_x = max(finite) * 2
+    for kind in ("record", "client"):
+        for density in sorted({r["density"] for r in rows}):
+            arm = [r for r in rows if r["dp_kind"] == kind and r["density"] == density]
+            if not arm:
+                continue
+            xs = [inf_x if r["epsilon"] is None else r["epsilon"] for r in arm]
+            ys = [100 * r["final_accuracy"] for r in arm]
+            ax.plot(xs, ys, marker="o", label=f"{kind}-level, density {density:g}")
+    ax.set_xscale("log")
+    ax.set(xlabel="epsilon (delta = 1e-5; right edge = no DP)", ylabel="final test accuracy (%)")
+    ax.set_title("Accuracy vs privacy budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def run_bench(
     out_dir: Path,
     seed: int = 0,
@@ -132,6 +157,7 @@ def run_bench(
     quick: bool = False,
     dataset: str = "mnist5k",
     local_steps: int | None = None,
+    include_dp: bool = False,
 ) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet_flower()
@@ -148,6 +174,12 @@ def run_bench(
         console.print(f"privacy bench: {mode} clients={clients} dropout={drop}")
         rows.append(run_arm(arm_config(base, mode, clients), mode, drop))
     add_ratios(rows)
+    secure_rows = list(rows)
+    if include_dp:  # accuracy vs epsilon, record- and client-level (bench_privacy_dp.py)
+        console.print("privacy bench: differential-privacy arms")
+        dp = dp_rows(seed, quick)
+        plot_dp(dp, out_dir / "accuracy_vs_epsilon.png")
+        rows += dp
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     summary = {
         "command": "leanfed bench privacy",
@@ -158,12 +190,12 @@ def run_bench(
                 "upload_ratio_target": 2.0,
                 "aborted_rounds": r["aborted_rounds"],
             }
-            for r in rows
+            for r in secure_rows
             if r["mode"] == "secagg"
         },
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot(rows, out_dir / "upload_bytes.png")
+    plot(secure_rows, out_dir / "upload_bytes.png")
     return rows
 
 
@@ -180,10 +212,18 @@ def register(bench_app: typer.Typer) -> None:
         dataset: Annotated[str, typer.Option("--dataset")] = "mnist5k",
         local_steps: Annotated[int | None, typer.Option("--local-steps")] = None,
         quick: Annotated[bool, typer.Option("--quick", help="tiny CI variant")] = False,
+        dp: Annotated[bool, typer.Option("--dp/--no-dp", help="add the DP epsilon arms")] = True,
     ) -> None:
-        """Secure aggregation vs plaintext: bytes each way, round time, accuracy, dropouts."""
-        rows = run_bench(out, seed, clients, rounds, dropout, quick, dataset, local_steps)
+        """Secure aggregation vs plaintext, and accuracy vs DP epsilon (sparse vs dense)."""
+        rows = run_bench(out, seed, clients, rounds, dropout, quick, dataset, local_steps, dp)
         for r in rows:
+            if "dp_kind" in r:
+                eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:g}"
+                console.print(
+                    f"dp-{r['dp_kind']:6s} n={r['clients']:<4d} density={r['density']:g}"
+                    f"  eps={eps}  acc={r['final_accuracy']:.4f}"
+                )
+                continue
             console.print(
                 f"{r['mode']:7s} n={r['clients']:<4d} drop={r['dropout']:.1f}"
                 f"  acc={r['final_accuracy']:.4f}  up={r['upload_bytes'] / 1e6:.2f}MB"

@@ -1,0 +1,65 @@
+"""The DP arms of the privacy benchmark: calibrated noise, the issue's row schema."""
+
+import math
+
+from simulations.bench_privacy_dp import dp_arm_config, dp_rows
+from strategies.privacy.accountant import epsilon
+from tasks.config import LeanfedConfig
+
+KEYS = {
+    "mode",
+    "clients",
+    "density",
+    "epsilon",
+    "delta",
+    "final_accuracy",
+    "upload_bytes",
+    "download_bytes",
+    "round_wall_s",
+    "seed",
+}
+
+
+def test_noise_is_calibrated_for_the_worst_site() -> None:
+    base = LeanfedConfig(
+        dataset="digits",
+        model="mlp",
+        num_partitions=4,
+        num_server_rounds=3,
+        local_steps=5,
+        local_batch_size=16,
+        partition_scheme="iid",
+    )
+    cfg = dp_arm_config(base, "record", 3.0, 0.1)
+    assert cfg.privacy_mode == "record" and cfg.dst_density == 0.1
+    # the smallest IID digits partition has about 1437 / 4 examples
+    q = 16 / 359
+    assert epsilon(cfg.privacy_noise_multiplier, q, 15, 1e-5) <= 3.0 * 1.01
+    dense = dp_arm_config(base, "client", math.inf, 1.0)
+    assert dense.privacy_mode == "none" and dense.dst_rule == "dense"
+
+
+def test_quick_dp_rows_have_the_schema_and_meet_their_epsilon() -> None:
+    rows = dp_rows(seed=0, quick=True, epsilons=(3.0, math.inf), densities=(0.1,))
+    assert [(r["mode"], r["epsilon"]) for r in rows] == [
+        ("dp-record", 3.0),
+        ("plain", None),
+        ("dp-client", 3.0),
+        ("plain", None),
+    ]
+    for r in rows:
+        assert set(r) >= KEYS
+        assert 0.0 <= r["final_accuracy"] <= 1.0 and len(r["round_wall_s"]) == 2
+        if r["epsilon"] is not None:
+            assert r["reported_epsilon_max"] is not None
+            assert r["reported_epsilon_max"] <= r["epsilon"] * 1.01
+
+
+def test_dp_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from simulations.bench_privacy import plot_dp
+
+    rows = [
+        {"dp_kind": "record", "density": 0.1, "epsilon": e, "final_accuracy": a}
+        for e, a in ((1.0, 0.5), (8.0, 0.8), (None, 0.9))
+    ]
+    assert plot_dp(rows, tmp_path / "p.png").stat().st_size > 0
