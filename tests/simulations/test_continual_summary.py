@@ -15,6 +15,36 @@ from strategies.continual.metrics import bwt_gem, fwt_gem
 R = [[0.9, 0.1, 0.2], [0.7, 0.8, 0.3], [0.6, 0.7, 0.9]]
 
 
+def _store_cl_run(url: str, config: dict[str, object], name: str) -> str:
+    """A finished continual run whose round r stores row r-1 of R as task_acc.J metrics."""
+    with RunStore(url) as store:
+        run = store.create_run(config, seed=0, name=name)
+        for rnd, row in enumerate(R, start=1):
+            store.record_round(
+                run,
+                rnd,
+                metrics={
+                    "accuracy": float(np.mean(row)),
+                    "num_accepted": 3.0,
+                    "loss": 1.0,
+                    **{f"task_acc.{j}": a for j, a in enumerate(row)},
+                },
+                upload_bytes=1,
+                download_bytes=1,
+                wall_s=0.1,
+                density=0.2,
+                client_results=[],
+                mask_blob=b"\xff",
+                layer_densities={"fc.weight": 0.2},
+                checkpoint=b"c",
+                events=[],
+                train_loss=1.5,
+                accuracy=float(np.mean(row)),
+            )
+        store.finish_run(run, "completed")
+    return run
+
+
 def test_matrix_rows_are_the_last_round_of_each_experience() -> None:
     rows = {2 * (i + 1): r for i, r in enumerate(R)} | {1: [0.5, 0.5, 0.5], 3: [0.0, 0.0, 0.0]}
     found = accuracy_matrix(rows, 2, [0.1, 0.1, 0.1])
@@ -51,28 +81,7 @@ def test_runs_list_and_show_say_what_a_run_was(tmp_path: Path) -> None:
         "cl.scenario": "split-mnist",
         "cl.rounds-per-task": 1,
     }
-    with RunStore(url) as store:
-        run = store.create_run(config, seed=0, name="cl")
-        for rnd, row in enumerate(R, start=1):
-            store.record_round(
-                run,
-                rnd,
-                metrics={
-                    "accuracy": float(np.mean(row)),
-                    "num_accepted": 3.0,
-                    **{f"task_acc.{j}": a for j, a in enumerate(row)},
-                },
-                upload_bytes=100,
-                download_bytes=100,
-                wall_s=0.1,
-                density=0.2,
-                client_results=[],
-                mask_blob=None,
-                layer_densities=None,
-                checkpoint=b"ck",
-                events=[],
-            )
-        store.finish_run(run, "completed")
+    run = _store_cl_run(url, config, "cl")
     runner = CliRunner(env={"COLUMNS": "300"})
     res = runner.invoke(app, ["runs", "list", "--db", url])
     assert res.exit_code == 0, res.output
@@ -109,30 +118,8 @@ def test_report_plots_the_accuracy_matrix_and_names_the_run(tmp_path: Path) -> N
         titles.append(fig._suptitle.get_text() if fig._suptitle else "")
         return real_save(fig, path)
 
+    run = _store_cl_run(url, config, "cl-run")
     with RunStore(url) as store:
-        run = store.create_run(config, seed=0, name="cl-run")
-        for rnd, row in enumerate(R, start=1):
-            store.record_round(
-                run,
-                rnd,
-                metrics={
-                    "accuracy": 0.5,
-                    "loss": 1.0,
-                    **{f"task_acc.{j}": a for j, a in enumerate(row)},
-                },
-                upload_bytes=1,
-                download_bytes=1,
-                wall_s=0.1,
-                density=0.2,
-                client_results=[],
-                mask_blob=b"\xff",
-                layer_densities={"fc.weight": 0.2},
-                checkpoint=b"c",
-                events=[],
-                train_loss=1.5,
-                accuracy=0.5,
-            )
-        store.finish_run(run, "completed")
         report._save = spy  # type: ignore[assignment]
         try:
             md = report.write_report(store, run, tmp_path / "out")
