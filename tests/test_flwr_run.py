@@ -95,3 +95,35 @@ def test_flwr_run_local_simulation(tmp_path: Path) -> None:
     assert "'num_rejected': 0" in result.output, _logs(tmp_path)
     assert "rejected node" not in result.output, _logs(tmp_path)
     assert "Traceback" not in result.output, _logs(tmp_path)
+
+
+@pytest.mark.flwr_run
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not _flower_installed(), reason="Flower CLI executables not installed")
+def test_flwr_run_user_model_and_stateful_fedadam(tmp_path: Path) -> None:
+    """README "Bring your own": a user's model (shipped inside the app, examples/**) and the
+    stateful FedAdam rule run through `flwr run` unchanged; FedAdam's state is checkpointed."""
+    import io
+
+    import torch
+
+    from server.store import RunStore
+
+    plugins = 'model="examples.my_plugins:tiny_net" aggregation.rule="fedadam" dataset="digits"'
+    result, status = run_simulation(
+        REPO,
+        tmp_path,
+        run_config=[f"{RUN_CONFIG[0]} {plugins}"],
+        federation_config=FEDERATION_CONFIG,
+    )
+    assert result.returncode == 0, _logs(tmp_path)
+    assert status == "finished:completed", _logs(tmp_path)
+    assert "merge fedadam" in result.output, _logs(tmp_path)
+    with RunStore(f"sqlite:///{tmp_path / 'runs.db'}") as store:
+        (run,) = store.list_runs()
+        assert run.config["model"] == "examples.my_plugins:tiny_net"
+        latest = store.latest_checkpoint(run.id)
+    assert latest is not None
+    ck = torch.load(io.BytesIO(latest[1]), weights_only=True)
+    assert set(ck["rule_state"]) == {"m", "v"} and ck["rule_state"]["m"]
