@@ -9,5 +9,9 @@ import tempfile
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+# ray.init() without an address joins the cluster named in /tmp/ray/ray_current_cluster,
+# which a `ray start` left behind (or one stopped by PID, whose file stays) would break:
+# every Ray instance a test starts without an explicit address is a new local one.
+os.environ.setdefault("RAY_ADDRESS", "local")
 if "FLWR_HOME" not in os.environ:
     os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="leanfed-flwr-home-")

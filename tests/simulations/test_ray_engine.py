@@ -96,6 +96,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _forget_cluster(address: str) -> None:
+    """`ray start --head` records its address for later ray.init() calls; stopping it by PID
+    (not `ray stop`) leaves that file behind, so remove it when it names our cluster."""
+    current = Path("/tmp/ray/ray_current_cluster")
+    with contextlib.suppress(OSError):
+        if current.read_text().strip().endswith(address.rsplit(":", 1)[1]):
+            current.unlink()
+
+
 def _wait_for_nodes(address: str, n: int, timeout: float = 120) -> None:
     ray = str(Path(sys.executable).with_name("ray"))
     deadline = time.monotonic() + timeout
@@ -136,6 +145,7 @@ def test_recorded_run_on_a_two_node_ray_cluster(tmp_path: Path) -> None:
         for proc in (worker, head):
             if proc is not None:
                 _stop(proc)
+        _forget_cluster(address)
     with RunStore(url) as store:
         (run,) = store.list_runs()
         assert run.status == "completed"
