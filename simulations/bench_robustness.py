@@ -45,7 +45,14 @@ RULES: dict[str, dict[str, Any]] = {
     "median": {"aggregation_rule": "median", "aggregation_num_malicious": 2},
     "trimmed-mean": {"aggregation_rule": "trimmed-mean", "aggregation_num_malicious": 2},
     "clipped-median": {"aggregation_rule": "clipped-median", "aggregation_num_malicious": 2},
-    "multi-krum": {"aggregation_rule": "multi-krum", "aggregation_num_malicious": 2},
+    # Examples capped at the round's median in the average of the selection: without the cap
+    # one selected client with an inflated num-examples outweighs the rest (measured: with
+    # 2 "inflate" attackers, final accuracy 0.117 vs 0.867 clean, seed 0).
+    "multi-krum": {
+        "aggregation_rule": "multi-krum",
+        "aggregation_num_malicious": 2,
+        "plugin_options": (("aggregation", "cap-weights", True),),
+    },
     "bulyan": {"aggregation_rule": "bulyan", "aggregation_num_malicious": 1},
 }
 RECOMMENDED = "multi-krum"

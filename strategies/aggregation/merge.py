@@ -251,7 +251,9 @@ class MergeOptions:
     robust rule must tolerate (Krum, Bulyan, the trim floor). min_support: clients that must
     keep a coordinate for a robust rule to write it; 0 = 2f + 1. clip_norm: L2 bound on each
     client's update for "clipped-*" rules; 0 = the median update norm of the round.
-    krum_select: updates multi-Krum averages; 0 = n - f.
+    krum_select: updates multi-Krum averages; 0 = n - f. cap_weights: (multi-)Krum averages its
+    selection with examples capped at the round's median count (an inflated ``num-examples``
+    then buys nothing); off = Flower's examples-weighted average.
     """
 
     trim: float = 0.2
@@ -259,6 +261,7 @@ class MergeOptions:
     min_support: int = 0
     clip_norm: float = 0.0
     krum_select: int = 0
+    cap_weights: bool = False
 
     @property
     def support(self) -> int:

@@ -25,6 +25,8 @@ Rules (f = assumed number of Byzantine clients, n = accepted clients this round)
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +49,7 @@ def _float_keys(previous: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in previous.items() if v.is_floating_point()]
 
 
-def update_deltas(
-    updates: list[ClientUpdate], previous: dict[str, torch.Tensor]
-) -> torch.Tensor:
+def update_deltas(updates: list[ClientUpdate], previous: dict[str, torch.Tensor]) -> torch.Tensor:
     """Flattened full-shape updates ``where(m_i, v_i - previous, 0)``: [C, D] float64.
 
     D counts every floating-point coordinate; integer buffers (BatchNorm counters) are left
@@ -168,10 +168,16 @@ class ClippedMedian:
 
 @dataclass(frozen=True)
 class MultiKrum:
-    """The "krum" (num_select = 1) and "multi-krum" (0 = n - f) rules."""
+    """The "krum" (num_select = 1) and "multi-krum" (0 = n - f) rules.
+
+    cap_weights: average the selection with examples capped at the median count of all n
+    updates (``statistics.median_low``), so a selected client that inflates
+    ``num-examples`` weighs no more than a typical one.
+    """
 
     num_malicious: int = 0
     num_select: int = 0
+    cap_weights: bool = False
 
     def __call__(
         self, updates: list[ClientUpdate], previous: dict[str, torch.Tensor]
@@ -179,6 +185,11 @@ class MultiKrum:
         _check(updates, previous)
         m = self.num_select if self.num_select > 0 else len(updates) - self.num_malicious
         selected = select_multikrum(updates, previous, self.num_malicious, m)
+        if self.cap_weights:
+            cap = statistics.median_low(u.num_examples for u in updates)
+            selected = [
+                dataclasses.replace(u, num_examples=min(u.num_examples, cap)) for u in selected
+            ]
         return masked_weighted_mean(selected, previous)
 
 
@@ -201,9 +212,9 @@ def robust_rule(name: str, options: MergeOptions) -> MergeRule:
     if name == "clipped-median":
         return ClippedMedian(options.clip_norm, options.support)
     if name == "krum":
-        return MultiKrum(f, 1)
+        return MultiKrum(f, 1, options.cap_weights)
     if name == "multi-krum":
-        return MultiKrum(f, options.krum_select)
+        return MultiKrum(f, options.krum_select, options.cap_weights)
     if name == "bulyan":
         return Bulyan(f, options.support)
     raise ValueError(f"unknown robust merge rule {name!r}")

@@ -109,9 +109,7 @@ def test_bulyan_with_too_few_clients_keeps_previous() -> None:
 
 
 def _upd(node: int, w: list[float], m: list[int], n: int = 1) -> ClientUpdate:
-    return ClientUpdate(
-        node, {"w": torch.tensor(w)}, {"w": torch.tensor(m, dtype=torch.bool)}, n
-    )
+    return ClientUpdate(node, {"w": torch.tensor(w)}, {"w": torch.tensor(m, dtype=torch.bool)}, n)
 
 
 def test_min_support_and_real_trim_on_sparse_coordinates() -> None:
@@ -180,9 +178,7 @@ def test_f_attackers_stay_within_the_honest_range(
     values = torch.tensor(honest, dtype=torch.float64).T  # [7, 3]
     values = values[torch.randint(0, 7, (n_honest,), generator=g)]
     masks = torch.rand(n_honest, 3, generator=g) < density
-    ups = [
-        ClientUpdate(i, {"w": values[i]}, {"w": masks[i]}, 1 + i) for i in range(n_honest)
-    ]
+    ups = [ClientUpdate(i, {"w": values[i]}, {"w": masks[i]}, 1 + i) for i in range(n_honest)]
     ups += [
         ClientUpdate(100 + j, {"w": torch.full((3,), attack)}, {"w": torch.ones(3, dtype=bool)}, 1)
         for j in range(attackers)
@@ -260,3 +256,18 @@ def test_strategy_takes_the_vote_and_options() -> None:
     assert s.vote_name == "robust" and s.rule.fn == robust.Bulyan(1, 3)  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="aggregation.vote = 'loudest': unknown vote rule"):
         SparseFedAvg(vote="loudest")
+
+
+def test_multikrum_capped_weights_ignore_inflated_examples() -> None:
+    prev = {"w": torch.zeros(1)}
+    ups = [_upd(i, [v], [1], n=10) for i, v in enumerate([1.0, 1.01, 1.02, 1.04])]
+    ups.append(_upd(9, [1.015], [1], n=10**6))  # central, so Krum selects it
+    selected = robust.select_multikrum(ups, prev, 1, 4)
+    assert any(u.node_id == 9 for u in selected)
+    plain = robust.MultiKrum(num_malicious=1)(ups, prev)["w"].item()
+    capped = robust.MultiKrum(num_malicious=1, cap_weights=True)(ups, prev)["w"].item()
+    assert abs(plain - 1.015) < 1e-4  # the inflated count dominates Flower's weighted average
+    mean = sum(u.values["w"].item() for u in selected) / 4
+    assert abs(capped - mean) < 1e-6 and abs(capped - 1.015) > 1e-3  # capped at 10: plain mean
+    opts = MergeOptions(num_malicious=1, cap_weights=True)
+    assert get_merge_rule("multi-krum", options=opts) == robust.MultiKrum(1, 0, True)
