@@ -187,6 +187,7 @@ def run_bench(
     quick: bool = False,
     jobs: int = 1,
     rules: list[str] | None = None,
+    fuzz: bool = True,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet_flower()
@@ -223,7 +224,8 @@ def run_bench(
     result: dict[str, Any] = {
         "command": f"leanfed bench robustness --seed {seed} --jobs {jobs}"
         + (" --quick" if quick else "")
-        + (f" --rules {','.join(rules)}" if rules else ""),
+        + (f" --rules {','.join(rules)}" if rules else "")
+        + ("" if fuzz else " --skip-fuzz"),
         "setup": {
             "dataset": base.dataset,
             "model": base.model,
@@ -240,7 +242,8 @@ def run_bench(
         "jobs": jobs,
     }
     # The fuzz and codec halves (issue 9's validation work): hostile replies and payloads.
-    result.update(run_fuzz_campaign(seed=seed, quick=quick))
+    if fuzz:
+        result.update(run_fuzz_campaign(seed=seed, quick=quick))
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     plot(rows, out_dir / "byzantine_accuracy.png")
     return result
@@ -258,13 +261,16 @@ def register(bench_app: typer.Typer) -> None:
         rules: Annotated[
             str, typer.Option("--rules", help=f"comma-separated subset of {list(RULES)}")
         ] = "",
+        skip_fuzz: Annotated[
+            bool, typer.Option("--skip-fuzz", help="only the Byzantine table (no fuzz campaign)")
+        ] = False,
     ) -> None:
         """Final accuracy per merge rule with 0/1/2 Byzantine clients of 10, and fuzzing."""
         if jobs < 1:
             raise typer.BadParameter("--jobs must be >= 1")
         only = [r.strip() for r in rules.split(",") if r.strip()] or None
         try:
-            result = run_bench(out, seed, quick, jobs, only)
+            result = run_bench(out, seed, quick, jobs, only, fuzz=not skip_fuzz)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         for rule, t in result["targets"].items():
