@@ -196,7 +196,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
         rs.plan = SparseSumPlan(
             floats,
             {k: m for k, m in self.mask.items() if k in floats},
-            full=self._mask_round(server_round),
+            full=self._readjust_round(server_round),
             clip=self.clip,
             quant_bits=self.quant_bits,
             max_weight=self.max_weight,
@@ -227,6 +227,16 @@ class SecAggSparseFedAvg(SparseFedAvg):
             msg.content.config_records["config"][W.MODE_KEY] = "secagg"
             out.append(msg)
         return out
+
+    def _readjust_round(self, server_round: int) -> bool:
+        """A mask round on which clients also readjust their masks (FedDST stops at R_end).
+
+        `SparseFedAvg` also re-votes on round R_end itself, after which no client has
+        pruned or regrown (`client.local.readjust_fraction`); a secure vote would then
+        only cost bytes, so the last such round stays a values-only round.
+        """
+        end = self.mask_update_end_round
+        return self._mask_round(server_round) and (end is None or server_round < end)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(
