@@ -180,3 +180,17 @@ def test_fewer_than_t_survivors_abort_cleanly_and_record_why(tmp_path, monkeypat
 def test_secagg_needs_the_sparse_mean() -> None:
     with pytest.raises(ConfigError, match="secure.mode"):
         CFG.replace(secure_mode="secagg", aggregation_rule="median")
+
+
+def test_readjustment_round_sums_votes_and_keeps_the_density() -> None:
+    # RigL clients prune and regrow in round 1 (R_end = 2): the secure round sums
+    # per-coordinate weights and the 0/1 votes too, and the server re-votes the mask.
+    cfg = CFG.replace(
+        secure_mode="secagg", num_server_rounds=2, dst_rule="rigl", dst_end_round_fraction=1.0
+    )
+    _, strategy, summary = _run(cfg)
+    first, second = summary.rounds
+    assert first.metrics["secagg_aborted"] == 0 and second.metrics["secagg_aborted"] == 0
+    assert first.upload_bytes > 1.5 * second.upload_bytes  # votes over every masked entry
+    assert strategy.mask_version == first.metrics["mask_changed"] == 1
+    assert first.density == pytest.approx(second.density) == pytest.approx(0.2, abs=0.01)
