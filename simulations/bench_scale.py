@@ -182,11 +182,42 @@ def summarize(rows: list[dict[str, Any]], at: int = 1000) -> dict[str, Any]:
             out[f"bit_identical_workers_1_vs_{main['workers']}@{at}x{f}"] = (
                 main["model_sha256"] == one["model_sha256"]
             )
+    # Marginal driver memory per extra client between 1,000 and 10,000 (same arm and
+    # fraction): the idle-node cost without the fixed part (includes 10x the sampled replies).
+    for r in rows:
+        small = find(r["engine"], r["strategy"], 1000, r["fraction"], r.get("workers"))
+        if r["clients"] == 10_000 and "missing" not in r and small:
+            grow = (r["rss_per_idle_client_kb"] * 10_000 - small["rss_per_idle_client_kb"] * 1000)
+            key = f"marginal_rss_kb_per_client_1000_to_10000x{r['fraction']}:{r['engine']}/"
+            out[key + r["strategy"]] = grow / 9000
     big = [r for r in rows if r["clients"] == 10_000 and "missing" not in r]
     for r in big:
         key = f"peak_rss_gb@10000x{r['fraction']}:{r['engine']}/{r['strategy']}/w{r['workers']}"
         out[key] = r["peak_rss_mb"] / 1024
     return out
+
+
+def table_md(rows: list[dict[str, Any]]) -> str:
+    """The README table: one line per cell, missing cells with their reason."""
+    head = (
+        "| engine | strategy | workers | clients | sampled | round s (median, min-max) "
+        "| messages/s | start-up s | peak RSS MB | RSS/idle client KB (bound) "
+        "| state B/client |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        who = f"| {r['engine']} | {r['strategy']} | {r['workers']} | {r['clients']:,} "
+        if "missing" in r:
+            lines.append(who + f"| {r['fraction']:.0%} | missing: {r['missing']} | | | | | |")
+            continue
+        state = r.get("state_bytes_per_client")
+        lines.append(
+            who + f"| {r['messages_per_round']:,} ({r['fraction']:.0%}) "
+            f"| {r['round_s_median']:.2f} ({r['round_s_min']:.2f}-{r['round_s_max']:.2f}) "
+            f"| {r['messages_per_s']:.1f} | {r['startup_s']:.1f} | {r['peak_rss_mb']:,.0f} "
+            f"| {r['rss_per_idle_client_kb']:.1f} | {'' if state is None else f'{state:,.0f}'} |"
+        )
+    return head + "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -236,13 +267,17 @@ def run_bench(
     workers: int | None = None,
     cell_timeout: float = 600.0,
     budget_s: float | None = None,
+    clients: list[int] | None = None,
+    fractions: list[float] | None = None,
+    max_messages: int | None = None,
 ) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if workers is None else workers
-    clients, fractions, rounds = (
-        ([8], [0.5, 1.0], 2) if quick else ([100, 1000, 10_000], [0.1, 1.0], 3)
-    )
-    cells = plan(clients, fractions, workers, identity_check=clients[-1] if quick else 1000)
+    rounds = 2 if quick else 3
+    clients = clients or ([8] if quick else [100, 1000, 10_000])
+    fractions = fractions or ([0.5, 1.0] if quick else [0.1, 1.0])
+    at = clients[-1] if quick else 1000
+    cells = plan(clients, fractions, workers, identity_check=at if at in clients else None)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for i, cell in enumerate(cells, 1):
@@ -251,6 +286,10 @@ def run_bench(
             rows.append(
                 missing(cell, f"not run: the bench's time budget of {budget_s:.0f} s was spent")
             )
+            continue
+        n_msg = max(int(cell.clients * cell.fraction), 2)
+        if max_messages is not None and n_msg > max_messages:
+            rows.append(missing(cell, f"not run: {n_msg:,} messages per round > --max-messages"))
             continue
         timeout = cell_timeout if left is None else min(cell_timeout, left)
         console.print(
@@ -274,13 +313,14 @@ def run_bench(
         "workers": workers,
         "cpus": os.cpu_count(),
         "wall_s": time.perf_counter() - t0,
-        "targets": summarize(rows, at=clients[-1] if quick else 1000),
+        "targets": summarize(rows, at=at),
         "median_round_s": statistics.median(
             [r["round_s_median"] for r in rows if "missing" not in r] or [0.0]
         ),
     }
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "results.md").write_text(table_md(rows))
     plot(rows, out_dir / "round_time_vs_clients.png")
     return rows
 
@@ -302,8 +342,24 @@ def register(bench_app: typer.Typer) -> None:
         budget: Annotated[
             float | None, typer.Option("--budget", help="seconds for the whole bench")
         ] = None,
+        clients: Annotated[
+            str | None, typer.Option("--clients", help="comma list (default 100,1000,10000)")
+        ] = None,
+        fractions: Annotated[
+            str | None, typer.Option("--fractions", help="comma list (default 0.1,1.0)")
+        ] = None,
+        max_messages: Annotated[
+            int | None,
+            typer.Option("--max-messages", help="record larger cells as not run"),
+        ] = None,
     ) -> None:
         """Round time, messages/s, start-up and memory of both engines at 100-10,000 clients."""
-        rows = run_bench(out, seed, quick, workers, cell_timeout, budget)
+        try:
+            n = [int(c) for c in clients.split(",")] if clients else None
+            f = [float(x) for x in fractions.split(",")] if fractions else None
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] --clients/--fractions: {exc}")
+            raise typer.Exit(1) from exc
+        rows = run_bench(out, seed, quick, workers, cell_timeout, budget, n, f, max_messages)
         done = sum("missing" not in r for r in rows)
         console.print(f"{done}/{len(rows)} cells measured; {out / 'results.json'}")

@@ -100,7 +100,16 @@ def ray_init(address: str | None, num_cpus: int | None) -> None:
     else:
         args["address"] = "local"  # a new instance, never a cluster another job started
         args["num_cpus"] = num_cpus
-    ray.init(**args)
+    for attempt in range(3):
+        try:
+            ray.init(**args)
+            return
+        except Exception as exc:
+            # Ray gives a new raylet 30 s (hard-coded) to register; on an overloaded
+            # machine it may need longer: start again rather than fail the run.
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
 
 
 def ray_shutdown() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.bench_scale import Cell, plan, run_bench, run_one, summarize
+from simulations.bench_scale import Cell, plan, run_bench, run_one, summarize, table_md
 
 REQUIRED = {
     "engine", "strategy", "clients", "fraction", "round_s", "messages_per_s", "startup_s",
@@ -33,7 +33,9 @@ def _row(engine: str, strategy: str, workers: int, round_s: float, sha: str = "a
     return {
         "engine": engine, "strategy": strategy, "clients": 1000, "fraction": 0.1,
         "workers": workers, "round_s_median": round_s, "messages_per_s": 100 / round_s,
-        "model_sha256": sha,
+        "model_sha256": sha, "round_s_min": round_s, "round_s_max": round_s,
+        "messages_per_round": 100, "startup_s": 1.0, "peak_rss_mb": 10.0,
+        "rss_per_idle_client_kb": 0.5,
     }
 
 
@@ -51,6 +53,8 @@ def test_summary_ratios_and_identity() -> None:
     assert t["inprocess_over_ray_fedavg_messages_per_s@1000x0.1"] == pytest.approx(10.0)
     assert t["bit_identical_workers_1_vs_2@1000x0.1"] is True
     assert not any(k.startswith("peak_rss_gb") for k in t)  # the 10,000 cell is missing
+    table = table_md(rows)
+    assert table.count("\n| ") == len(rows) and "missing: did not finish" in table
 
 
 def test_a_cell_past_its_time_limit_is_recorded_as_missing() -> None:
@@ -82,3 +86,4 @@ def test_quick_bench_writes_every_row_and_the_plot(tmp_path: Path) -> None:
     assert summary["targets"]["bit_identical_workers_1_vs_2@8x0.5"] is True
     assert summary["targets"]["bit_identical_workers_1_vs_2@8x1.0"] is True
     assert (tmp_path / "round_time_vs_clients.png").stat().st_size > 0
+    assert (tmp_path / "results.md").read_text().count("\n| ") == len(rows)
