@@ -161,7 +161,11 @@ HONEST = st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=7, max
     attackers=st.integers(1, 2),
     density=st.floats(0.3, 1.0),
     seed=st.integers(0, 10_000),
-    rule=st.sampled_from(["median", "trimmed-mean", "clipped-median", "bulyan"]),
+    # Not Bulyan: its last step averages the beta values CLOSEST to the median, and an
+    # attacker value just outside the honest range can be among them (e.g. honest 2,0,0,2
+    # and attack -1 give -1/3), as in Flower's and El Mhamdi et al.'s; its guarantee is a
+    # bounded distance; test_all_ones_masks_equal_flower checks it equals Flower's Bulyan.
+    rule=st.sampled_from(["median", "trimmed-mean", "clipped-median"]),
 )
 def test_f_attackers_stay_within_the_honest_range(
     honest: list[list[float]],
