@@ -84,6 +84,9 @@ http {{
         ssl_certificate_key {tls.server_key.resolve()};
         ssl_protocols TLSv1.2 TLSv1.3;
         client_max_body_size {max_body};
+        # Keep request bodies in memory: the worker (not root) cannot write the temp dir,
+        # and a SecAgg+ masked vector or a large update is bigger than the 16 KB default.
+        client_body_buffer_size {max_body};
 
         # The Fleet API: what a SuperNode calls (register is refused by the SuperLink
         # itself when --enable-supernode-auth is on; activate needs a registered key).
@@ -96,6 +99,8 @@ http {{
             proxy_ssl_server_name on;
             proxy_read_timeout 300s;
             proxy_send_timeout 300s;
+            proxy_request_buffering off;  # stream bodies to the SuperLink, no temp files
+            proxy_buffering off;
         }}
         location = /health {{
             proxy_pass https://superlink;
