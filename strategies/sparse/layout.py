@@ -13,7 +13,6 @@ server's initial mask both use it, so the two always agree.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from functools import partial
 
@@ -103,14 +102,3 @@ def planned_random_mask(
     unit_mask = random_mask(units, {u: densities[u] for u in units}, generator)
     return join_units(unit_mask, shapes, slices or {})
 
-
-def unit_density_of(mask: Mask, slices: Mapping[str, int]) -> dict[str, float]:
-    """Measured density of every unit of ``mask``."""
-    out: dict[str, float] = {}
-    for name, m in mask.items():
-        parts = slices.get(name, 1)
-        for i, rows in enumerate(unit_rows(name, m.shape, parts)):
-            part = m[rows]
-            key = name if parts <= 1 else f"{name}#{i}"
-            out[key] = int(part.sum()) / max(1, math.prod(part.shape))
-    return out
