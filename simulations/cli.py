@@ -6,36 +6,17 @@ from typing import Annotated
 
 import typer
 
-from simulations.bench_centralized import register as register_centralized
-from simulations.bench_continual import register as register_continual
-from simulations.bench_federated import register as register_federated
-from simulations.bench_privacy import register as register_privacy
-from simulations.bench_robustness import register as register_robustness
-from simulations.bench_scale import register as register_scale
-from simulations.bench_speed import register as register_speed
-from simulations.deploy import register as register_deploy
-from simulations.edge import LeanfedGroup, new_app
-from simulations.runs_cli import register as register_runs
-from simulations.simulate import register as register_simulate
+from simulations.edge import new_app
+from simulations.lazy_cli import LazyRootGroup
 
+# Commands are imported only when one runs (simulations/lazy_cli.py): `leanfed --help`
+# must answer without importing torch, Flower or scikit-learn.
 app = new_app(
-    cls=LeanfedGroup,
+    cls=LazyRootGroup,
     no_args_is_help=True,
     add_completion=False,
     help="leanfed: federated DST on Flower.",
 )
-bench_app = new_app(no_args_is_help=True, help="Benchmarks that write DIR/results.json.")
-app.add_typer(bench_app, name="bench")
-register_centralized(bench_app)
-register_federated(bench_app)
-register_continual(bench_app)
-register_scale(bench_app)
-register_speed(bench_app)
-register_privacy(bench_app)
-register_robustness(bench_app)
-register_simulate(app)
-register_runs(app)
-register_deploy(app)
 
 
 def _version(value: bool) -> None:

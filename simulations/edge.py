@@ -15,9 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from server.errors import USER_ERRORS, describe, first_line
-
-__all__ = ["USER_ERRORS", "LeanfedGroup", "first_line", "new_app", "print_error"]
+__all__ = ["LeanfedGroup", "new_app", "print_error"]
 
 
 def print_error(message: str) -> None:
@@ -35,16 +33,19 @@ class LeanfedGroup(TyperGroup):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
-        except USER_ERRORS as exc:
-            if ctx.params.get("debug"):
-                raise
-            print_error(first_line(exc))
-            raise typer.Exit(1) from None
         except Exception as exc:
             if ctx.params.get("debug"):
                 raise
-            # The message of an unexpected exception may quote data: show type and place only.
-            print_error(f"{describe(exc)} (a bug in leanfed?); rerun with --debug to see it")
+            # Imported here, not at the top: the error classes live in modules that import
+            # torch, and `leanfed --help` must not (simulations/lazy_cli.py). A command that
+            # raised has imported them already.
+            from server.errors import USER_ERRORS, describe, first_line
+
+            if isinstance(exc, USER_ERRORS):
+                print_error(first_line(exc))
+            else:
+                # The message of an unexpected exception may quote data: type and place only.
+                print_error(f"{describe(exc)} (a bug in leanfed?); rerun with --debug to see it")
             raise typer.Exit(1) from None
 
 

@@ -63,8 +63,8 @@ def test_garbage_database_url_is_one_line_without_the_password() -> None:
 
 
 def test_no_typer_app_prints_locals() -> None:
-    from simulations.cli import bench_app
+    from simulations.deploy import deploy_app
     from simulations.runs_cli import runs_app
 
-    for typer_app in (app, bench_app, runs_app):
+    for typer_app in (app, deploy_app, runs_app):
         assert typer_app.pretty_exceptions_show_locals is False
