@@ -11,7 +11,7 @@ from torch import nn
 from client.dp_local import dp_train_steps
 from client.trainer import TrainResult, evaluate, make_optimizer, train_steps
 from strategies.plugins import option_kwargs
-from strategies.sparse.engine import DSTConfig, DSTController
+from strategies.sparse.engine import STRUCTURED_RULES, DSTConfig, DSTController
 from strategies.sparse.masks import Mask
 from strategies.sparse.rules import DST_RULES
 from strategies.sparse.selection import parse_patterns
@@ -58,10 +58,15 @@ def round_controller(
         model, cfg.local_optimizer, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay
     )
     rule = "dense" if mask is None else "static"
+    if mask is not None and cfg.dst_rule in STRUCTURED_RULES:
+        # The structured rule's drop/grow on readjustment; end_fraction 0 keeps the mask
+        # fixed between them, as "static" does.
+        rule = cfg.dst_rule
     dst = DSTConfig(
         rule=rule,
         density=cfg.dst_density,
         distribution=cfg.dst_distribution,
+        end_fraction=0.0,
         exclude=parse_patterns(cfg.dst_exclude),  # the server's selection, so keys agree
     )
     controller = DSTController(

@@ -32,12 +32,14 @@ from strategies.sparse.layout import plan_densities, planned_random_mask
 from strategies.sparse.masks import Mask
 from strategies.sparse.saliency import saliency_mask, saliency_scores
 from strategies.sparse.selection import parse_patterns, select_sparsifiable
-from tasks.config import ConfigError, LeanfedConfig
+from strategies.sparse.structured import structured_init
+from tasks.config import STRUCTURED_RULES, ConfigError, LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
 from tasks.partition import make_partition
 from tasks.plugins import merge_options, rule_options, run_dataset, run_model
 from tasks.scenarios import make_scenario
+from tasks.structure import layer_kinds
 
 
 @dataclass
@@ -115,15 +117,21 @@ def sparse_init(model: torch.nn.Module, cfg: LeanfedConfig) -> Mask:
     Neural Networks"), so a very sparse start does not sit at chance for rounds.
     """
     sel = select_sparsifiable(model, exclude=parse_patterns(cfg.dst_exclude))
+    kinds = layer_kinds(model, cfg)
+    slices = {} if kinds else sel.slices  # structured units span fused q/k/v slices
     densities = plan_densities(
         sel.shapes,
         cfg.dst_density,
         distribution=cfg.dst_distribution,
-        slices=sel.slices,
+        slices=slices,
         erk_power_scale=cfg.dst_erk_power_scale,
         overrides=cfg.dst_overrides(),
     )
-    if cfg.dst_init == "magnitude":
+    if kinds:  # whole units / constant fan-in / N:M, as the clients' structured engine keeps
+        mask = structured_init(
+            sel.shapes, densities, kinds, torch.Generator().manual_seed(cfg.seed)
+        )
+    elif cfg.dst_init == "magnitude":
         mask = saliency_mask(saliency_scores("magnitude", model, sel.params), densities, sel.slices)
     else:
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -148,7 +156,7 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
     limits = reply_limits(cfg)
     if cfg.strategy == "flower-fedavg":
         return ByteCountingFedAvg(limits=limits, **sampling)
-    dynamic = cfg.dst_rule in ("set", "rigl")
+    dynamic = cfg.dst_rule in ("set", "rigl", *STRUCTURED_RULES)
     end_round: int | None = max(1, int(cfg.dst_end_round_fraction * cfg.num_server_rounds))
     if cfg.cl_scenario != "none":
         end_round = None  # a stream can switch task in any round: keep re-voting to the end
@@ -322,6 +330,7 @@ def run_federated(
         strategy = build_strategy(cfg)
         if isinstance(strategy, SparseFedAvg) and strategy.density < 1.0:
             strategy.mask = sparse_init(model, cfg)
+            strategy.structure = layer_kinds(model, cfg)
     sizes = known_partition_sizes(grid, cfg, ds)
     if sizes:  # "num-examples" may not exceed what the node holds
         strategy.limits = dataclasses.replace(strategy.limits, partition_sizes=sizes)

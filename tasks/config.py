@@ -7,7 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-RULES = ("dense", "static", "set", "rigl", "gmp")  # built-ins; plug-ins: tasks.plugins
+# built-ins; plug-ins: tasks.plugins. The last three are structured (strategies.sparse.structured).
+RULES = ("dense", "static", "set", "rigl", "gmp", "channel", "srigl", "nm")
+STRUCTURED_RULES = ("channel", "srigl", "nm")
 STRATEGIES = ("sparse", "flower-fedavg")
 PARTITIONS = ("iid", "dirichlet", "shards", "sample")
 VALUE_DTYPES = ("fp32", "fp16", "int8")
@@ -76,6 +78,8 @@ class LeanfedConfig:
     dst_density_overrides: str = ""  # "pattern=density,..." fixed densities per layer
     dst_erk_power_scale: float = 1.0  # ERK exponent (1 = RigL's ERK, 0 = uniform)
     dst_init: str = "random"  # initial server mask: "random" | "magnitude"
+    # structured rules: clients train the physically smaller sub-network between mask rounds
+    dst_condensed: bool = False
     # wire codec
     codec_upload_dtype: str = "fp32"
     codec_download_dtype: str = "fp32"
@@ -298,6 +302,27 @@ class LeanfedConfig:
             )
         if self.strategy == "flower-fedavg":
             self._check_dense_baseline()
+        self._check_structured()
+
+    def _check_structured(self) -> None:
+        """Structured rules vote whole units (weighted vote only); condensed clients need the
+        channel/srigl unit structure and the plain sparse path (no DP, SecAgg or stream)."""
+        if self.dst_rule in STRUCTURED_RULES and self.aggregation_vote != "weighted":
+            raise ConfigError(
+                f"dst.rule = {self.dst_rule!r} votes whole units: it needs "
+                "aggregation.vote = 'weighted'"
+            )
+        if not self.dst_condensed:
+            return
+        if self.dst_rule not in ("channel", "srigl"):
+            raise ConfigError("dst.condensed = true needs dst.rule = 'channel' or 'srigl'")
+        for key, value in (
+            ("privacy.mode", self.privacy_mode),
+            ("secure.mode", self.secure_mode),
+            ("cl.scenario", self.cl_scenario),
+        ):
+            if value != "none":
+                raise ConfigError(f"dst.condensed = true does not support {key} = {value!r} yet")
 
     def _check_dense_baseline(self) -> None:
         """Flower's FedAvg aggregates densely by itself: leanfed's server rules do not apply."""

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -59,6 +59,8 @@ class RoundInput:
     mask: Mask  # consensus mask the clients trained under (bool, sparsified keys only)
     previous: dict[str, torch.Tensor]  # global values sent this round (zeros off the mask)
     updates: list[ClientUpdate]  # accepted replies; .metrics holds train_loss, ...
+    # per masked key: "channel" | "fanin" | "nm" (structured DST rules) or "none"
+    structure: Mapping[str, str] = field(default_factory=dict)
 
 
 class AggregationRule:
@@ -140,7 +142,7 @@ def weighted_vote(
     rnd: RoundInput, merged: dict[str, torch.Tensor], targets: dict[str, float]
 ) -> Mask:
     """FedDST: examples-weighted mask votes, top-k per layer, ties by |merged value|."""
-    return consensus_mask(rnd.updates, targets, merged)
+    return consensus_mask(rnd.updates, targets, merged, rnd.structure or None)
 
 
 def robust_vote(

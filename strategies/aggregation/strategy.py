@@ -31,7 +31,7 @@ Bytes are counted from encoded payload lengths: ``self.bytes_log[round]`` holds 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 
 import torch
@@ -63,6 +63,7 @@ from strategies.aggregation.wire import (
 )
 from strategies.sparse.density import layer_density_rule
 from strategies.sparse.masks import Mask, default_sparsifiable, random_mask
+from strategies.sparse.structured import structured_init
 
 __all__ = ["VOTES", "SparseFedAvg", "decode_reply", "encode_global"]
 
@@ -111,6 +112,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         limits: ReplyLimits | None = None,
+        structure: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -154,6 +156,9 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         self.seed = seed
         self.sparse_keys = None if sparse_keys is None else list(sparse_keys)
         self.mask: Mask | None = None if initial_mask is None else dict(initial_mask)
+        # Structured DST (strategies.sparse.structured_rules.layer_structures): the vote keeps
+        # whole units per "channel" layer, k inputs per unit per "fanin" layer, N per M.
+        self.structure: dict[str, str] = dict(structure or {})
         self.target_densities: dict[str, float] = {}
         self.mask_version = 0
         self._init_guard(limits)  # rejections, round_clients, round_eval_clients, ...
@@ -199,7 +204,11 @@ class SparseFedAvg(ReplyGuard, FedAvg):
                 else self._density_rule(shapes, self.density)
             )
             gen = torch.Generator().manual_seed(self.seed)
-            self.mask = random_mask(shapes, densities, generator=gen)
+            kinds = {k: self.structure.get(k, "none") for k in shapes}
+            if any(v != "none" for v in kinds.values()):
+                self.mask = structured_init(shapes, densities, kinds, gen)
+            else:
+                self.mask = random_mask(shapes, densities, generator=gen)
         for k, m in self.mask.items():
             if k not in state or tuple(m.shape) != tuple(state[k].shape):
                 raise ValueError(f"mask entry {k!r} does not match the model")
@@ -360,7 +369,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         mask_changed = 0
         arrays: ArrayRecord | None = None
         if accepted:
-            rnd = RoundInput(server_round, dict(mask), previous, accepted)
+            rnd = RoundInput(server_round, dict(mask), previous, accepted, self.structure)
             merged = self.rule.aggregate(rnd)
             bad = [k for k in previous if k not in merged or merged[k].shape != previous[k].shape]
             if bad or set(merged) != set(previous):

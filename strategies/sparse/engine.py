@@ -60,8 +60,8 @@ from strategies.sparse.saliency import LossFn, saliency_mask, saliency_scores
 from strategies.sparse.schedules import CosineDecay, GMPSchedule
 from strategies.sparse.scores import magnitude_score
 from strategies.sparse.selection import predicate_selection, select_sparsifiable
-from strategies.sparse.structured import NM, ablate_units, structured_init
-from strategies.sparse.structured_rules import STRUCTURES
+from strategies.sparse.structured import ablate_units, structured_init
+from strategies.sparse.structured_rules import STRUCTURES, layer_structures
 from strategies.sparse.units import unit_groups, zero_dead_shifts
 
 __all__ = ["RULES", "RULE_TABLE", "STRUCTURED_RULES", "DSTConfig", "DSTController"]
@@ -320,20 +320,8 @@ class DSTController:
     # -- internals ---------------------------------------------------------------------------
 
     def _structures(self, rule: str) -> dict[str, str]:
-        # Per tensor: "channel" for declared unit producers under the channel rule, "nm" where
-        # the tensor splits into groups of M under the nm rule, else constant fan-in.
-        if rule not in STRUCTURED_RULES:
-            return {n: "none" for n in self.shapes}
-        producers = {g.producer for g in self.groups}
-        out = {}
-        for n, shape in self.shapes.items():
-            kind = "fanin"
-            if rule == "channel" and n in producers:
-                kind = "channel"
-            elif rule == "nm" and shape.numel() % NM[1] == 0:
-                kind = "nm"
-            out[n] = kind
-        assert set(out.values()) <= set(STRUCTURES)
+        out = layer_structures(rule, self.shapes, {g.producer for g in self.groups})
+        assert set(out.values()) <= {*STRUCTURES, "none"}
         return out
 
     def _apply(self) -> None:

@@ -3,8 +3,9 @@
 A federated client readjusts its mask on FedDST rounds: magnitude drop, then regrow by a
 score (``DSTController.regrow``). A DST rule is the score: a callable
 ``(model, x, y, names, **options) -> {name: score tensor}`` (an empty dict grows at random).
-Built-ins: "set" (random growth, Mocanu et al. 2018) and "rigl" (|dense gradient| on a
-batch, Evci et al. 2020). Plug-ins: ``dst.rule = "module:function"`` or an entry point of
+Built-ins: "set" (random growth, Mocanu et al. 2018), "rigl" (|dense gradient| on a
+batch, Evci et al. 2020) and the structured "channel", "srigl", "nm" (the same gradient).
+Plug-ins: ``dst.rule = "module:function"`` or an entry point of
 ``leanfed.dst_rules``; ``dst.options.*`` are its keyword arguments.
 """
 
@@ -51,3 +52,7 @@ def dense_grad_scores(
 DST_RULES: Registry[GrowScoreRule] = Registry("DST rule", "leanfed.dst_rules", "dst.rule")
 DST_RULES.register("set", random_scores)
 DST_RULES.register("rigl", dense_grad_scores)
+# Structured rules grow whole units / rows by the same dense gradient (SRigL, Lasby et al.
+# 2023); the engine reduces it per unit (``structured_rules``).
+for _name in ("channel", "srigl", "nm"):
+    DST_RULES.register(_name, dense_grad_scores)

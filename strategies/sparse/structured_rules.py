@@ -10,6 +10,9 @@ Importing this module registers them.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection, Mapping
+
 import torch
 
 from strategies.sparse.prune_grow import LayerState, register_drop_rule, register_grow_rule
@@ -29,9 +32,36 @@ from strategies.sparse.structured import (
     nm_drop,
 )
 
-__all__ = ["STRUCTURES", "structured_drop", "structured_gradient_grow", "structured_random_grow"]
+__all__ = [
+    "STRUCTURES",
+    "layer_structures",
+    "structured_drop",
+    "structured_gradient_grow",
+    "structured_random_grow",
+]
 
 STRUCTURES = ("channel", "fanin", "nm")
+_STRUCTURED_RULES = ("channel", "srigl", "nm")
+
+
+def layer_structures(
+    rule: str, shapes: Mapping[str, torch.Size | tuple[int, ...]], producers: Collection[str]
+) -> dict[str, str]:
+    """Per tensor: "channel" for declared unit producers under the channel rule, "nm" where
+    the tensor splits into groups of M under the nm rule, else "fanin"; "none" for every
+    tensor under an unstructured rule. The engine, the server's initial mask and the
+    consensus vote all read this one map, so client and server agree on every layer."""
+    if rule not in _STRUCTURED_RULES:
+        return {n: "none" for n in shapes}
+    out = {}
+    for n, shape in shapes.items():
+        kind = "fanin"
+        if rule == "channel" and n in producers:
+            kind = "channel"
+        elif rule == "nm" and math.prod(shape) % NM[1] == 0:
+            kind = "nm"
+        out[n] = kind
+    return out
 
 
 def _kind(layer: LayerState) -> str:

@@ -1,0 +1,26 @@
+"""Per-layer DST structure of a run's model (in tasks/: server and client must agree on it)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from strategies.sparse.selection import parse_patterns, select_sparsifiable
+from strategies.sparse.structured_rules import layer_structures
+from strategies.sparse.units import unit_groups
+from tasks.config import STRUCTURED_RULES, LeanfedConfig
+
+__all__ = ["layer_kinds"]
+
+
+def layer_kinds(model: nn.Module, cfg: LeanfedConfig) -> dict[str, str]:
+    """{masked key: "channel" | "fanin" | "nm"} under a structured ``dst.rule``, else {}.
+
+    The keys are the client's DST selection (``dst.exclude`` applied), the kinds the
+    engine's (``layer_structures``): the server's initial mask, its consensus vote and the
+    clients' prune/grow then keep the same structure on every layer.
+    """
+    if cfg.dst_rule not in STRUCTURED_RULES:
+        return {}
+    sel = select_sparsifiable(model, exclude=parse_patterns(cfg.dst_exclude))
+    producers = {g.producer for g in unit_groups(model)}
+    return layer_structures(cfg.dst_rule, sel.shapes, producers)
