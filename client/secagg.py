@@ -8,14 +8,20 @@ Record layout: `strategies.aggregation.secagg_wire`; maths: `strategies.secure`.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from strategies.aggregation import secagg_wire as W
+from strategies.privacy.accountant import adaptive_value_noise
+from strategies.privacy.distributed import DPSumPlan, client_noise_std
 from strategies.secure import protocol as P
 from strategies.secure.crypto import KEY_BYTES, SecAggError
 from strategies.secure.sparse_sum import SparseSumPlan
 from strategies.sparse.masks import Mask
+from tasks.config import LeanfedConfig
 
 STATE = "leanfed.secagg"
 MAX_IDS = 100_000  # refuse larger id lists before allocating
@@ -133,19 +139,67 @@ def masked_reply(
     P.receive_shares(st, dict(zip(srcs, cts, strict=True)), c_pks)
     global_values, consensus = received
     floats = {k: tuple(v.shape) for k, v in global_values.items() if v.is_floating_point()}
-    plan = SparseSumPlan(
-        floats,
-        {k: m for k, m in consensus.items() if k in floats},
-        full=bool(W.get_int(rec, "full")),
-        clip=float(rec["clip"]),  # type: ignore[arg-type]
-        quant_bits=W.get_int(rec, "quant-bits"),
-        max_weight=W.get_int(rec, "max-weight"),
-        num_clients=W.get_int(rec, "num-clients"),
-    )
-    x = plan.encode(global_values, local, local_mask, examples, loss)
+    public = {k: m for k, m in consensus.items() if k in floats}
+    plan: SparseSumPlan | DPSumPlan
+    if "dp-clip" in rec:  # distributed client-level DP: clip, noise, quantize here
+        plan = _dp_plan(rec, st, context, floats, public)
+        # OS entropy, never the run seed: the server knows the seed and could replay the noise
+        x, _ = plan.encode(global_values, local, local_mask, np.random.default_rng())
+    else:
+        plan = SparseSumPlan(
+            floats,
+            public,
+            full=bool(W.get_int(rec, "full")),
+            clip=_get_float(rec, "clip"),
+            quant_bits=W.get_int(rec, "quant-bits"),
+            max_weight=W.get_int(rec, "max-weight"),
+            num_clients=W.get_int(rec, "num-clients"),
+        )
+        x = plan.encode(global_values, local, local_mask, examples, loss)
     y = P.mask_input(st, x, P.ids_from_bytes(W.get_bytes(rec, "u1"), MAX_IDS))
     _save(context, st, c_pks)
     return _reply(msg, ConfigRecord({"masked": plan.layout().pack(y)}))
+
+
+def _get_float(rec: ConfigRecord, key: str) -> float:
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SecAggError(f"secagg record entry {key!r} must be a finite number")
+    return float(value)
+
+
+def _dp_plan(
+    rec: ConfigRecord,
+    st: P.ClientState,
+    context: Context,
+    floats: dict[str, tuple[int, ...]],
+    public: Mask,
+) -> DPSumPlan:
+    """The distributed-DP plan, with the noise multiplier taken from this site's OWN config.
+
+    The server supplies only public quantities (clip, n_min, sampled count, count noise); a
+    claimed n_min above this node's own share threshold is refused (it would shrink the noise).
+    """
+    cfg = LeanfedConfig.from_run_config(dict(context.run_config))
+    if cfg.privacy_mode != "client":
+        raise SecAggError("the server asked for DP noise; this site runs privacy.mode != client")
+    n_min, sampled = W.get_int(rec, "dp-min-survivors"), W.get_int(rec, "dp-sampled")
+    if not 1 <= n_min <= st.threshold:
+        raise SecAggError(f"n_min {n_min} is outside [1, this node's threshold {st.threshold}]")
+    clip, count_noise = _get_float(rec, "dp-clip"), _get_float(rec, "dp-count-noise")
+    z = cfg.privacy_noise_multiplier
+    if cfg.privacy_adaptive_clip:  # raises when the count noise would leave the values none
+        z = adaptive_value_noise(z, count_noise)
+    return DPSumPlan(
+        floats,
+        public,
+        clip=clip,
+        noise_std=client_noise_std(z, clip, n_min),
+        count_noise_std=count_noise / math.sqrt(n_min) if cfg.privacy_adaptive_clip else 0.0,
+        quant_bits=W.get_int(rec, "quant-bits"),
+        num_clients=W.get_int(rec, "num-clients"),
+        sampled=sampled,
+    )
 
 
 def unmask(msg: Message, context: Context) -> Message:

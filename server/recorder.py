@@ -23,6 +23,7 @@ from server.security.checkpoints import sign_round
 from server.security.signing import Signer
 from server.store import CheckpointCorruptError, RunStore, StoreError
 from strategies.aggregation.dp import DPSparseFedAvg
+from strategies.aggregation.secagg_dp import SecAggDPSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.sparse.masks import Mask, layer_densities, mask_from_bytes, mask_to_bytes
 from tasks.config import LeanfedConfig
@@ -69,7 +70,7 @@ def checkpoint_bytes(
         "round": server_round,
         "state": {k: v.detach().clone() for k, v in state.items()},
     }
-    if isinstance(strategy, DPSparseFedAvg):
+    if isinstance(strategy, DPSparseFedAvg | SecAggDPSparseFedAvg):
         payload["dp"] = strategy.dp_state_dict()
     if isinstance(strategy, SparseFedAvg) and strategy.mask is not None:
         payload["mask"] = {k: v.clone() for k, v in strategy.mask.items()}
@@ -165,7 +166,7 @@ def load_resume_point(store: RunStore, run_id: str, cfg: LeanfedConfig) -> Resum
             f"{where} is not a valid leanfed checkpoint: it says round {ck['round']}"
         )
     strategy = build_strategy(cfg)
-    if isinstance(strategy, DPSparseFedAvg) and "dp" in ck:
+    if isinstance(strategy, DPSparseFedAvg | SecAggDPSparseFedAvg) and "dp" in ck:
         strategy.load_dp_state_dict(ck["dp"])
     if isinstance(strategy, SparseFedAvg) and "mask" in ck:
         strategy.mask = ck["mask"]

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from strategies.aggregation.counting import ByteCountingFedAvg
 from strategies.aggregation.dp import DPSparseFedAvg
 from strategies.aggregation.secagg import SecAggSparseFedAvg
+from strategies.aggregation.secagg_dp import SecAggDPSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.aggregation.validate import ReplyLimits
 from strategies.sparse.layout import plan_densities, planned_random_mask
@@ -171,6 +172,17 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
             "max_weight": cfg.secure_max_weight,
             "neighbors": cfg.secure_neighbors,
         }
+        if cfg.privacy_mode == "client":  # distributed noise: strategies/aggregation/secagg_dp.py
+            cls = SecAggDPSparseFedAvg
+            secure |= {
+                "noise_multiplier": cfg.privacy_noise_multiplier,
+                "dp_clip": cfg.privacy_clip,
+                "delta": cfg.privacy_delta,
+                "num_clients": cfg.num_partitions,
+                "adaptive_clip": cfg.privacy_adaptive_clip,
+                "target_quantile": cfg.privacy_target_quantile,
+                "clip_lr": cfg.privacy_clip_lr,
+            }
     elif cfg.privacy_mode != "none":
         cls = DPSparseFedAvg
         secure = {  # the DP wrapper's own knobs (strategies/aggregation/dp.py)

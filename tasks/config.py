@@ -280,10 +280,6 @@ class LeanfedConfig:
             raise ConfigError(
                 "privacy.mode needs strategy = 'sparse': the dense Flower baseline has no DP here"
             )
-        if self.privacy_mode == "client" and self.secure_mode != "none":
-            raise ConfigError(
-                "privacy.mode = 'client' with secure.mode is not built yet (distributed noise)"
-            )
         need(self.secure_mode in SECURE_MODES, "secure.mode", f"must be one of {SECURE_MODES}")
         need(0.5 <= self.secure_threshold < 1.0, "secure.threshold", "must be in [0.5, 1)")
         need(self.secure_clip > 0, "secure.clip", "must be > 0")
@@ -300,6 +296,8 @@ class LeanfedConfig:
                 "aggregation.rule = 'mean' and aggregation.vote = 'weighted' (votes are "
                 "then counted per client)"
             )
+        if self.privacy_mode == "client" and self.secure_mode == "secagg":
+            self._check_distributed_dp()
         if self.strategy == "flower-fedavg":
             self._check_dense_baseline()
         self._check_structured()
@@ -323,6 +321,22 @@ class LeanfedConfig:
         ):
             if value != "none":
                 raise ConfigError(f"dst.condensed = true does not support {key} = {value!r} yet")
+
+    def _check_distributed_dp(self) -> None:
+        """secagg + client-level DP: clients noise their own clipped updates (strategies.privacy.
+        distributed); the unweighted DP-FedAvg sum of noisy values must fit the 62-bit ring."""
+        # values ring: quant-bits + 1 spare bit + ceil(log2(clients)) (privacy.distributed)
+        need_bits = self.secure_quant_bits + 1 + max(1, self.num_partitions).bit_length()
+        if need_bits > 62:
+            raise ConfigError(
+                f"secure.quant-bits = {self.secure_quant_bits} with {self.num_partitions} clients "
+                f"needs a {need_bits}-bit ring for the noised sum (max 62): lower secure.quant-bits"
+            )
+        if self.min_train_nodes < 2:
+            raise ConfigError(
+                "secure.mode = 'secagg' with privacy.mode = 'client' needs min-train-nodes >= 2: "
+                "each client adds only a 1/n_min share of the noise"
+            )
 
     def _check_dense_baseline(self) -> None:
         """Flower's FedAvg aggregates densely by itself: leanfed's server rules do not apply."""

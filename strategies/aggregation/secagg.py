@@ -32,13 +32,15 @@ from flwr.supercore import log
 from strategies.aggregation import secagg_wire as W
 from strategies.aggregation.merge import consensus_from_votes
 from strategies.aggregation.strategy import SparseFedAvg
+from strategies.privacy.distributed import DPSumPlan
 from strategies.secure import protocol as P
 from strategies.secure import shamir
 from strategies.secure.crypto import KEY_BYTES, NONCE_BYTES, TAG_BYTES, SecAggError
-from strategies.secure.sparse_sum import SparseSumPlan
+from strategies.secure.sparse_sum import SecureSum, SparseSumPlan
 
 # nonce + (header: src, dst, round = 24 B) + two shares + Poly1305 tag
 CIPHERTEXT_BYTES = NONCE_BYTES + 24 + 2 * shamir.SHARE_BYTES + TAG_BYTES
+SumPlan = SparseSumPlan | DPSumPlan  # what the round sums: weighted updates or DP-noised ones
 
 
 class RoundAborted(Exception):
@@ -55,7 +57,7 @@ class _Round:
     groups: dict[int, tuple[int, ...]] = field(default_factory=dict)
     thresholds: dict[int, int] = field(default_factory=dict)
     u1: set[int] = field(default_factory=set)
-    plan: SparseSumPlan | None = None
+    plan: SumPlan | None = None
     stage_bytes: dict[int, int] = field(default_factory=dict)  # node -> download bytes
     upload: dict[int, int] = field(default_factory=dict)  # node -> upload bytes
     failed: dict[int, str] = field(default_factory=dict)  # node -> why it left the round
@@ -83,6 +85,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
         self.threshold, self.clip, self.quant_bits = threshold, clip, quant_bits
         self.max_weight, self.neighbors, self.stage_timeout = max_weight, neighbors, stage_timeout
         self.aborts: list[dict[str, int | str]] = []
+        self.last_secure_sum: SecureSum | None = None
         self._grid: Grid | None = None
         self._round: _Round | None = None
         self._inbox: dict[int, dict[int, bytes]] = {}  # dst -> src -> ciphertext, this round
@@ -193,15 +196,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
             return []
         assert self.mask is not None and self._global is not None
         floats = {k: tuple(v.shape) for k, v in self._global.items() if v.is_floating_point()}
-        rs.plan = SparseSumPlan(
-            floats,
-            {k: m for k, m in self.mask.items() if k in floats},
-            full=self._readjust_round(server_round),
-            clip=self.clip,
-            quant_bits=self.quant_bits,
-            max_weight=self.max_weight,
-            num_clients=len(rs.u1),
-        )
+        rs.plan = self._plan(rs, floats, len(messages))
         out: list[Message] = []
         for msg in messages:
             node = int(msg.metadata.dst_node_id)
@@ -218,6 +213,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
                     "quant-bits": self.quant_bits,
                     "max-weight": self.max_weight,
                     "num-clients": len(rs.u1),
+                    **self._plan_fields(rs, len(messages)),
                 }
             )
             if inbox:
@@ -227,6 +223,23 @@ class SecAggSparseFedAvg(SparseFedAvg):
             msg.content.config_records["config"][W.MODE_KEY] = "secagg"
             out.append(msg)
         return out
+
+    def _plan(self, rs: _Round, floats: dict[str, tuple[int, ...]], sampled: int) -> SumPlan:
+        """The round's public sum plan (a subclass may sum something else, e.g. noised updates)."""
+        assert self.mask is not None
+        return SparseSumPlan(
+            floats,
+            {k: m for k, m in self.mask.items() if k in floats},
+            full=self._readjust_round(rs.round),
+            clip=self.clip,
+            quant_bits=self.quant_bits,
+            max_weight=self.max_weight,
+            num_clients=len(rs.u1),
+        )
+
+    def _plan_fields(self, rs: _Round, sampled: int) -> dict[str, int | float]:
+        """Extra public plan entries of the train record (none here)."""
+        return {}
 
     def _readjust_round(self, server_round: int) -> bool:
         """A mask round on which clients also readjust their masks (FedDST stops at R_end).
@@ -278,6 +291,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
             return None, self._finish(server_round, replies, rs, set())
         assert rs.plan is not None and self._global is not None and self.mask is not None
         result = rs.plan.decode(total, self._global)
+        self.last_secure_sum = result
         merged = dict(self._global) | result.values
         mask_changed = 0
         if rs.plan.full:

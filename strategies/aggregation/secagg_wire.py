@@ -9,7 +9,8 @@ other than the masked input are queries ``query.secagg_<stage>``:
              C->S  {"dst": neighbour ids, "ct": [ciphertext per neighbour]}
   train      S->C  the normal train message plus {"round", "u1": group ids that shared
                     keys, "src": sender ids, "ct": [ciphertexts for this node], "full",
-                    "clip", "quant-bits", "max-weight", "num-clients"}
+                    "clip", "quant-bits", "max-weight", "num-clients"; with client-level DP
+                    also "dp-clip", "dp-min-survivors", "dp-sampled", "dp-count-noise"}
              C->S  {"masked": packed masked vector}  -- and nothing else: no metrics
   unmask     S->C  {"round", "survivors": ids, "dropped": ids}
              C->S  {"src": ids, "kind": one byte per share (0 = b, 1 = s_sk), "shares": [68 B]}

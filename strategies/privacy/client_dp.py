@@ -83,7 +83,10 @@ class AdaptiveClip:
             raise PrivacyError(f"the number of sampled clients must be >= 1, got {sampled}")
         unclipped = sum(1 for n in norms if n <= self.clip)
         noise = float(torch.randn((), generator=generator)) * self.count_noise
-        frac = (unclipped + noise) / sampled
+        return self.update_from_fraction((unclipped + noise) / sampled)
+
+    def update_from_fraction(self, frac: float) -> float:
+        """C <- C exp(-eta (b~ - gamma)) from the already noised unclipped fraction b~."""
         self.clip = self.clip * math.exp(-self.lr * (frac - self.quantile))
         return self.clip
 

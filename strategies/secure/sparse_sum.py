@@ -160,3 +160,4 @@ class SecureSum:
     total_weight: int  # sum_i w_i over the surviving clients
     train_loss: float  # weighted mean local loss (capped at LOSS_CAP)
     clipped: int  # coordinates clipped to [-clip, clip], summed over clients
+    noised_unclipped: float | None = None  # distributed DP: noised count of ||Delta|| <= C
