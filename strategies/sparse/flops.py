@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from strategies.sparse.masks import Mask
+from strategies.sparse.selection import is_pyg_linear
 
 __all__ = [
     "FlopsError",
@@ -82,15 +83,6 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def _is_pyg_linear(mod: nn.Module) -> bool:
-    return (
-        type(mod).__name__ == "Linear"
-        and hasattr(mod, "in_channels")
-        and hasattr(mod, "out_channels")
-        and isinstance(getattr(mod, "weight", None), nn.Parameter)
-    )
-
-
 def _is_counted(mod: nn.Module) -> bool:
     return isinstance(
         mod,
@@ -101,7 +93,7 @@ def _is_counted(mod: nn.Module) -> bool:
         | nn.Embedding
         | nn.MultiheadAttention
         | nn.RNNBase,
-    ) or _is_pyg_linear(mod) or _is_gat(mod)
+    ) or is_pyg_linear(mod) or _is_gat(mod)
 
 
 def _is_gat(mod: nn.Module) -> bool:

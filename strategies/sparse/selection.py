@@ -36,6 +36,7 @@ from strategies.sparse.masks import MaskError, Predicate
 __all__ = [
     "Selection",
     "apply_overrides",
+    "is_pyg_linear",
     "matches_any",
     "parse_patterns",
     "predicate_selection",
@@ -73,7 +74,8 @@ class Selection:
         return {n: p.shape for n, p in self.params.items()}
 
 
-def _is_pyg_linear(mod: nn.Module) -> bool:
+def is_pyg_linear(mod: nn.Module) -> bool:
+    """A torch_geometric ``Linear`` (its own class, not a subclass of ``nn.Linear``)."""
     return (
         type(mod).__name__ == "Linear"
         and type(mod).__module__.startswith("torch_geometric")
@@ -83,7 +85,7 @@ def _is_pyg_linear(mod: nn.Module) -> bool:
 
 def _kernel_names(mod: nn.Module, embeddings: bool) -> list[str]:
     """Local names of the kernels of ``mod`` (not recursing), [] for unknown types."""
-    if isinstance(mod, (nn.Linear, *_CONV)) or _is_pyg_linear(mod):
+    if isinstance(mod, (nn.Linear, *_CONV)) or is_pyg_linear(mod):
         return ["weight"]
     if isinstance(mod, nn.MultiheadAttention):
         if mod.in_proj_weight is not None:
