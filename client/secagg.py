@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from strategies.aggregation import secagg_wire as W
 from strategies.privacy.accountant import adaptive_value_noise
-from strategies.privacy.distributed import DPSumPlan, client_noise_std
+from strategies.privacy.distributed import DPSumPlan, client_noise_std, min_survivors
 from strategies.secure import protocol as P
 from strategies.secure.crypto import KEY_BYTES, SecAggError
 from strategies.secure.sparse_sum import SparseSumPlan
@@ -177,15 +177,19 @@ def _dp_plan(
 ) -> DPSumPlan:
     """The distributed-DP plan, with the noise multiplier taken from this site's OWN config.
 
-    The server supplies only public quantities (clip, n_min, sampled count, count noise); a
-    claimed n_min above this node's own share threshold is refused (it would shrink the noise).
+    The server supplies only public quantities (clip, sampled count, count noise); n_min
+    comes from this site's threshold fraction and the key-sharer count, and a plan claiming
+    another n_min (or fewer key sharers than this node's group has) is refused.
     """
     cfg = LeanfedConfig.from_run_config(dict(context.run_config))
     if cfg.privacy_mode != "client":
         raise SecAggError("the server asked for DP noise; this site runs privacy.mode != client")
-    n_min, sampled = W.get_int(rec, "dp-min-survivors"), W.get_int(rec, "dp-sampled")
-    if not 1 <= n_min <= st.threshold:
-        raise SecAggError(f"n_min {n_min} is outside [1, this node's threshold {st.threshold}]")
+    sharers, sampled = W.get_int(rec, "num-clients"), W.get_int(rec, "dp-sampled")
+    if sharers < len(P.ids_from_bytes(W.get_bytes(rec, "u1"), MAX_IDS)) or sampled < sharers:
+        raise SecAggError("the plan counts fewer key sharers than this node's group holds")
+    n_min = min_survivors(sharers, cfg.secure_threshold)
+    if W.get_int(rec, "dp-min-survivors") != n_min:
+        raise SecAggError(f"the plan's n_min is not {n_min} (this site's secure.threshold)")
     clip, count_noise = _get_float(rec, "dp-clip"), _get_float(rec, "dp-count-noise")
     z = cfg.privacy_noise_multiplier
     if cfg.privacy_adaptive_clip:  # raises when the count noise would leave the values none

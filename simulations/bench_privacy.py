@@ -13,7 +13,6 @@ MNIST-5k CNN, FedDST RigL at density 0.1 (readjust every 3 rounds, alpha 0.2).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,16 +27,11 @@ from rich.console import Console  # noqa: E402
 from client.app import app as client_app  # noqa: E402
 from server.runner import run_federated  # noqa: E402
 from simulations.bench_federated import base_config  # noqa: E402
-from simulations.bench_privacy_dp import dp_rows  # noqa: E402
+from simulations.bench_privacy_dp import dp_rows, neighbours_for  # noqa: E402
 from simulations.grid import DropoutGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
 
 console = Console(stderr=True)
-
-
-def neighbours_for(clients: int) -> int:
-    """SecAgg+ graph degree: complete up to 20 clients, else about 3 log2(n) (Bell et al.)."""
-    return 0 if clients <= 20 else min(clients - 1, 2 * math.ceil(1.5 * math.log2(clients)))
 
 
 def arms(client_counts: list[int], dropout: float) -> list[tuple[str, int, float]]:
@@ -129,14 +123,15 @@ def plot_dp(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     finite = [r["epsilon"] for r in rows if r["epsilon"] is not None] or [1.0]
     inf_x = max(finite) * 2
-    for kind in ("record", "client"):
+    for kind in ("record", "client", "secagg+dp-client"):
         for density in sorted({r["density"] for r in rows}):
             arm = [r for r in rows if r["dp_kind"] == kind and r["density"] == density]
             if not arm:
                 continue
             xs = [inf_x if r["epsilon"] is None else r["epsilon"] for r in arm]
             ys = [100 * r["final_accuracy"] for r in arm]
-            ax.plot(xs, ys, marker="o", label=f"{kind}-level, density {density:g}")
+            name = kind if kind == "secagg+dp-client" else f"{kind}-level"
+            ax.plot(xs, ys, marker="o", label=f"{name}, density {density:g}")
     ax.set_xscale("log")
     ax.set(xlabel="epsilon (delta = 1e-5; right edge = no DP)", ylabel="final test accuracy (%)")
     ax.set_title("Accuracy vs privacy budget")
@@ -220,7 +215,7 @@ def register(bench_app: typer.Typer) -> None:
             if "dp_kind" in r:
                 eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:g}"
                 console.print(
-                    f"dp-{r['dp_kind']:6s} n={r['clients']:<4d} density={r['density']:g}"
+                    f"{r['mode']:16s} {r['dp_kind']:16s} n={r['clients']:<4d} d={r['density']:g}"
                     f"  eps={eps}  acc={r['final_accuracy']:.4f}"
                 )
                 continue

@@ -7,6 +7,10 @@ smallest partition (largest sampling rate q = batch / N_min) training in EVERY r
 (T = rounds x local steps), so every site's reported epsilon is at most the target.
 Client-level (DP-FedAvg, ``privacy.mode = "client"``): 1,000 clients, 10 % per round,
 q = 0.1, T = rounds. epsilon = inf rows are the same arm without DP (``epsilon`` null).
+``secagg+dp-client``: the client-level arm with distributed noise under SecAgg+
+(``secure.mode = "secagg"``, `strategies.aggregation.secagg_dp`), the same calibrated z, at
+the sparse densities only (< 1) and finite epsilons (its epsilon = inf row is the
+client-level one); the summed noise is sqrt(sampled / n_min) times the central arm's.
 Rows use the issue's schema: mode, clients, density, epsilon, delta, final_accuracy,
 upload_bytes, download_bytes, round_wall_s, seed (plus the calibrated noise multiplier and
 the largest epsilon actually reported by the run).
@@ -25,9 +29,15 @@ from tasks.config import LeanfedConfig
 from tasks.datasets import load_dataset
 from tasks.partition import make_partition
 
-__all__ = ["DP_EPSILONS", "dp_arm_config", "dp_rows"]
+__all__ = ["DP_EPSILONS", "SECAGG_DP", "dp_arm_config", "dp_rows", "neighbours_for"]
 
 DP_EPSILONS = (1.0, 3.0, 8.0, math.inf)
+SECAGG_DP = "secagg+dp-client"  # client-level DP, noise from the clients, SecAgg+ sum
+
+
+def neighbours_for(clients: int) -> int:
+    """SecAgg+ graph degree: complete up to 20 clients, else about 3 log2(n) (Bell et al.)."""
+    return 0 if clients <= 20 else min(clients - 1, 2 * math.ceil(1.5 * math.log2(clients)))
 
 
 def _smallest_site(cfg: LeanfedConfig) -> int:
@@ -41,11 +51,16 @@ def _smallest_site(cfg: LeanfedConfig) -> int:
 def dp_arm_config(base: LeanfedConfig, mode: str, eps: float, density: float) -> LeanfedConfig:
     """The run config of one DP arm (z calibrated so the worst site/client meets ``eps``)."""
     dense = density >= 1.0
+    secure = mode == SECAGG_DP
+    mode = "client" if secure else mode
     cfg = base.replace(
         dst_rule="dense" if dense else base.dst_rule,
         dst_density=1.0 if dense else density,
         privacy_mode="none" if math.isinf(eps) else mode,
     )
+    if secure:  # the SecAgg+ graph of the secure-aggregation rows
+        sampled = max(1, round(cfg.fraction_train * cfg.num_partitions))
+        cfg = cfg.replace(secure_mode="secagg", secure_neighbors=neighbours_for(sampled))
     if math.isinf(eps):
         return cfg
     if mode == "record":
@@ -65,7 +80,7 @@ def _row(cfg: LeanfedConfig, mode: str, eps: float) -> dict[str, Any]:
     reported = [r.metrics["dp_epsilon"] for r in rounds if "dp_epsilon" in r.metrics]
     private = not math.isinf(eps)
     return {
-        "mode": f"dp-{mode}" if private else "plain",
+        "mode": (mode if mode == SECAGG_DP else f"dp-{mode}") if private else "plain",
         "clients": cfg.num_partitions,
         "density": cfg.dst_density,
         "epsilon": eps if private else None,
@@ -80,6 +95,7 @@ def _row(cfg: LeanfedConfig, mode: str, eps: float) -> dict[str, Any]:
         "dp_kind": mode,
         "rounds": len(rounds),
         "accuracy_per_round": [r.accuracy for r in rounds],
+        "aborted_rounds": sum(int(r.metrics.get("secagg_aborted", 0)) for r in rounds),
     }
 
 
@@ -128,8 +144,10 @@ def dp_rows(
             privacy_clip=0.5,
         )
     rows = []
-    for kind, base in (("record", record), ("client", client)):
+    for kind, base in (("record", record), ("client", client), (SECAGG_DP, client)):
         for density in densities:
             for eps in epsilons:
+                if kind == SECAGG_DP and (density >= 1.0 or math.isinf(eps)):
+                    continue  # see the module docstring
                 rows.append(_row(dp_arm_config(base, kind, eps, density), kind, eps))
     return rows

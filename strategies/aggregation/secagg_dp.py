@@ -5,10 +5,10 @@ clips its own update, adds its share of the Gaussian noise on the public consens
 quantizes (`strategies.privacy.distributed`), and the server only ever unmasks the SUM
 (`secagg.SecAggSparseFedAvg`). Per round the train record tells each client the public plan:
 the clip C (adaptive: Andrew et al. 2021, updated from the securely summed, noised unclipped
-count), n_min = the smallest share threshold (the fewest survivors a completed round can
-have), the sampled count n and the count-noise std sigma_b. Each client computes its noise
-std z_d C / sqrt(n_min) itself, from the noise multiplier of ITS OWN run config, and refuses
-an n_min above its own group's threshold (so a server cannot talk the noise down). A round
+count), n_min = floor(f |U1|) + 1 (the fewest survivors the round accepts), the sampled
+count n and the count-noise std sigma_b. Each client computes n_min and its noise std
+z_d C / sqrt(n_min) itself, from the noise multiplier and threshold of ITS OWN run config,
+and refuses a plan whose n_min differs (so a server cannot talk the noise down). A round
 with fewer than n_min survivors aborts (it could only complete with too little noise).
 
 epsilon(delta) per released round from the RDP accountant, q = n / all clients, exactly as
@@ -84,7 +84,7 @@ class SecAggDPSparseFedAvg(SecAggSparseFedAvg):
     def _plan_fields(self, rs: _Round, sampled: int) -> dict[str, int | float]:
         return {
             "dp-clip": float(self.dp_clip),
-            "dp-min-survivors": min_survivors({i: rs.thresholds[i] for i in rs.u1}),
+            "dp-min-survivors": min_survivors(len(rs.u1), self.threshold),
             "dp-sampled": sampled,
             "dp-count-noise": (
                 count_noise_for(sampled, self.noise_multiplier) if self.clipper else 0.0
@@ -92,8 +92,8 @@ class SecAggDPSparseFedAvg(SecAggSparseFedAvg):
         }
 
     def _unmask(self, rs: _Round, masked: dict[int, np.ndarray]) -> np.ndarray:
-        n_min = min_survivors({i: rs.thresholds[i] for i in rs.u1})
-        if len(masked) < n_min:  # also implied by the thresholds; the noise depends on it
+        n_min = min_survivors(len(rs.u1), self.threshold)
+        if len(masked) < n_min:  # the noise depends on it (SecAgg+ graphs allow fewer)
             raise RoundAborted(
                 f"{len(masked)} survivors, the DP noise needs at least {n_min} (n_min)"
             )

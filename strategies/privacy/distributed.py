@@ -8,8 +8,11 @@ no single party adds it. Each sampled client k
      m_k; dense tensors everywhere) and clips it to L2 norm C over all tensors;
   2. adds its share of noise e_k ~ N(0, sigma_c^2) on every coordinate of M, with
          sigma_c = z_d C / sqrt(n_min),
-     n_min = the fewest survivors the SecAgg+ round accepts (the smallest share threshold:
-     with fewer the round aborts). The s >= n_min survivors' noise sums to
+     n_min = the fewest survivors the round accepts, floor(f |U1|) + 1 for the share
+     threshold fraction f and the |U1| clients that shared keys: the Shamir threshold of the
+     complete graph; with a SecAgg+ sparse graph the group thresholds are lower, and the
+     strategy enforces n_min for the round itself (fewer survivors: the round aborts, as
+     it could only release too little noise). The s >= n_min survivors' noise sums to
      N(0, (s / n_min) (z_d C)^2): at least the (z_d C)^2 the accountant assumes. Dropouts
      below the sampled count make the noise LARGER (s/n_min up to n/n_min), never smaller;
      the accountant uses z as if exactly n_min survived (the conservative value). The noise
@@ -45,6 +48,7 @@ import torch
 
 from strategies.privacy.accountant import PrivacyError
 from strategies.secure.crypto import SecAggError
+from strategies.secure.protocol import threshold_for
 from strategies.secure.ring import Layout, Segment, bits_for, signed, to_ring
 from strategies.secure.sparse_sum import SecureSum
 
@@ -54,11 +58,11 @@ K_SIGMA = 4.0  # quantization range: the clip plus K_SIGMA client noise stds
 COUNT_BITS = 16  # fixed-point bits of the noised unclipped indicator
 
 
-def min_survivors(thresholds: dict[int, int]) -> int:
-    """n_min: a round with survivors S completes only if some group has >= t_i of S alive."""
-    if not thresholds:
-        raise SecAggError("no share groups: the round has no threshold")
-    return min(thresholds.values())
+def min_survivors(key_sharers: int, threshold_fraction: float) -> int:
+    """n_min = floor(f |U1|) + 1: the fewest survivors a distributed-DP round accepts."""
+    if key_sharers < 1:
+        raise SecAggError("no client shared keys: the round has no survivors to count")
+    return threshold_for(key_sharers, threshold_fraction)
 
 
 def client_noise_std(noise_multiplier: float, clip: float, n_min: int) -> float:

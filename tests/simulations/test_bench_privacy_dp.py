@@ -46,6 +46,7 @@ def test_quick_dp_rows_have_the_schema_and_meet_their_epsilon() -> None:
         ("plain", None),
         ("dp-client", 3.0),
         ("plain", None),
+        ("secagg+dp-client", 3.0),  # sparse, finite epsilon only
     ]
     for r in rows:
         assert set(r) >= KEYS
@@ -53,13 +54,40 @@ def test_quick_dp_rows_have_the_schema_and_meet_their_epsilon() -> None:
         if r["epsilon"] is not None:
             assert r["reported_epsilon_max"] is not None
             assert r["reported_epsilon_max"] <= r["epsilon"] * 1.01
+    central, distributed = rows[2], rows[4]
+    # the same calibrated noise multiplier, hence the same accounted epsilon per round
+    assert distributed["noise_multiplier"] == central["noise_multiplier"]
+    assert distributed["reported_epsilon_max"] == central["reported_epsilon_max"]
+    assert distributed["aborted_rounds"] == 0 and distributed["dp_kind"] == "secagg+dp-client"
+    # masked vectors of 4 sampled clients over 2 rounds, not the plaintext codec payloads
+    assert (
+        distributed["upload_bytes"] > 0 and distributed["upload_bytes"] != central["upload_bytes"]
+    )
+
+
+def test_secagg_dp_arm_config() -> None:
+    base = LeanfedConfig(
+        dataset="digits",
+        model="mlp",
+        num_partitions=1000,
+        fraction_train=0.1,
+        min_train_nodes=100,
+        num_server_rounds=10,
+    )
+    cfg = dp_arm_config(base, "secagg+dp-client", 8.0, 0.1)
+    assert (cfg.privacy_mode, cfg.secure_mode, cfg.secure_neighbors) == ("client", "secagg", 20)
+    assert (
+        cfg.privacy_noise_multiplier
+        == dp_arm_config(base, "client", 8.0, 0.1).privacy_noise_multiplier
+    )
 
 
 def test_dp_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from simulations.bench_privacy import plot_dp
 
     rows = [
-        {"dp_kind": "record", "density": 0.1, "epsilon": e, "final_accuracy": a}
+        {"dp_kind": kind, "density": 0.1, "epsilon": e, "final_accuracy": a}
         for e, a in ((1.0, 0.5), (8.0, 0.8), (None, 0.9))
+        for kind in ("record", "secagg+dp-client")
     ]
     assert plot_dp(rows, tmp_path / "p.png").stat().st_size > 0

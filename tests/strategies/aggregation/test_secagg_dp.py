@@ -138,7 +138,7 @@ def test_config_accepts_the_combination_and_checks_it() -> None:
         DP.replace(secure_quant_bits=32, num_partitions=2**29)
 
 
-def test_a_site_refuses_an_n_min_above_its_own_threshold() -> None:
+def test_a_site_computes_n_min_itself_and_refuses_another() -> None:
     ctx = Context(
         run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=DP.to_run_config()
     )
@@ -151,11 +151,15 @@ def test_a_site_refuses_an_n_min_above_its_own_threshold() -> None:
             "dp-count-noise": 0.0,
             "quant-bits": 16,
             "num-clients": 5,
+            "u1": P.ids_to_bytes(range(5)),
         }
     )
     shapes = {"w": (2, 2)}
-    with pytest.raises(SecAggError, match="n_min 4"):
+    with pytest.raises(SecAggError, match="n_min is not 3"):  # floor(0.5 * 5) + 1
         _dp_plan(rec, st, ctx, shapes, {})
-    rec["dp-min-survivors"] = 3
+    rec["dp-min-survivors"], rec["num-clients"] = 3, 4  # fewer sharers than the group holds
+    with pytest.raises(SecAggError, match="fewer key sharers"):
+        _dp_plan(rec, st, ctx, shapes, {})
+    rec["num-clients"] = 5
     # the noise comes from the site's own z, not from anything the server sends
     assert _dp_plan(rec, st, ctx, shapes, {}).noise_std == pytest.approx(Z * C / math.sqrt(3))

@@ -157,7 +157,7 @@ def test_noise_free_decode_error_is_within_the_bound(clip: float, n: int, bits: 
 
 
 def test_min_survivors_and_noise_share_checks() -> None:
-    assert min_survivors({1: 3, 2: 4, 3: 3}) == 3
+    assert [min_survivors(n, 0.5) for n in (1, 2, 5, 100)] == [1, 2, 3, 51]
     with pytest.raises(PrivacyError):
         client_noise_std(1.0, 1.0, 0)
     with pytest.raises(ValueError, match="clip"):
