@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import uuid4
@@ -35,6 +36,7 @@ from simulations.pool import (
     from_bytes,
     load_client_app,
     to_bytes,
+    torch_threads,
 )
 
 
@@ -109,6 +111,11 @@ class InProcessGrid(Grid):
             if isinstance(client_app, str) and workers > 0
             else None
         )
+        # With a pool the server shares the cores with the workers: one torch thread here too
+        # (restored on close), as each worker has.
+        self._threads = ExitStack()
+        if self.pool is not None:
+            self._threads.enter_context(torch_threads(1))
         # Flower's ServerApp runtime sets this process identity before `main` runs; messages
         # built by strategies read the run id from it.
         TaskIdentity.task_id = 1
@@ -129,6 +136,7 @@ class InProcessGrid(Grid):
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        self._threads.close()
 
     def __enter__(self) -> InProcessGrid:
         return self

@@ -34,6 +34,7 @@ from server.runner import RoundRecord, RunSummary
 from server.security.signing import Signer
 from server.session import run_recorded
 from server.store import RunStore
+from simulations.pool import torch_threads
 from tasks.config import LeanfedConfig
 
 RunConfig = dict[str, bool | float | int | str]
@@ -164,7 +165,8 @@ def run_on_ray(
         "init_args": {"logging_level": logging.WARNING, "log_to_driver": False},
     }
     try:
-        with tempfile.TemporaryDirectory(prefix="leanfed-ray-app-") as tmp:
+        # The ServerApp shares the cores with the actors (one CPU each): one torch thread.
+        with torch_threads(1), tempfile.TemporaryDirectory(prefix="leanfed-ray-app-") as tmp:
             _run_simulation(
                 num_supernodes=cfg.num_partitions,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
