@@ -118,16 +118,31 @@ class RowTransformer(nn.Module):
         return self.head(z.mean(dim=1))  # mean-pool over tokens -> [B, classes]
 
     def unit_groups(self) -> list[UnitGroup]:
-        """MLP width of every encoder layer: linear1 units -> ReLU -> linear2 columns."""
-        return [
-            UnitGroup(
-                f"encoder.layers.{i}.linear1.weight",
-                (f"encoder.layers.{i}.linear1.bias",),
-                (),
-                (Consumer(f"encoder.layers.{i}.linear2.weight"),),
+        """Per encoder layer: MLP width (linear1 units -> ReLU -> linear2 columns) and attention
+        heads (a head = its d_h rows of each of q, k, v in in_proj -> d_h out_proj columns)."""
+        groups = []
+        for i, layer in enumerate(self.encoder.layers):
+            p = f"encoder.layers.{i}"
+            head_dim = int(layer.self_attn.head_dim)
+            groups.append(
+                UnitGroup(
+                    f"{p}.linear1.weight",
+                    (f"{p}.linear1.bias",),
+                    (),
+                    (Consumer(f"{p}.linear2.weight"),),
+                )
             )
-            for i in range(len(self.encoder.layers))
-        ]
+            groups.append(
+                UnitGroup(
+                    f"{p}.self_attn.in_proj_weight",
+                    (f"{p}.self_attn.in_proj_bias",),
+                    (),
+                    (Consumer(f"{p}.self_attn.out_proj.weight", spatial=head_dim),),
+                    rows_per_unit=head_dim,
+                    blocks=3,
+                )
+            )
+        return groups
 
 
 # ------------------------------------------------------------------ GNN

@@ -8,11 +8,16 @@ al. 2023, Sec. 4.4 for the fan-in layer):
    exactly 0, so it is sliced out of the producer (dim 0), its per-unit tensors, and the
    consumers' input columns (dim 1): ``conv2 [32, 16, 3, 3] -> [7, 4, 3, 3]``. The Linear /
    Conv / BatchNorm / PyG Linear modules keep their class; only their tensors and size
-   attributes change, so fused paths (``nn.TransformerEncoderLayer``'s fast path) still run.
-2. Sparse rows. A masked ``Linear`` whose busiest row keeps at most ``fanin_max_density``
-   (default 0.25: above it a dense matmul beat the gather on our CPU) of its inputs becomes
-   ``FanInLinear``: ``values [out, k]`` + ``index [out, k]`` (rows with
-   fewer than k inputs are padded with weight 0), y = sum_k values * x[..., index] + bias.
+   attributes change. Transformer encoders become ``condensed_transformer`` modules (same
+   names): whole attention heads (q, k, v rows and ``out_proj`` columns) can go.
+2. Sparse rows. A masked ``Linear`` of at least ``fanin_min_weights`` weights (default 0)
+   whose busiest row keeps at most ``fanin_max_density`` (default 0.25) of its inputs becomes
+   ``FanInLinear`` (the fewest stored weights; ``condense_for_speed`` raises both bars: on a
+   2-core CPU at batch 1 the gather's fixed cost made it slower than a dense matmul on
+   smaller or denser layers, e.g. 49 vs 11 us for [64, 28] at k=6, 38 vs 22 us for
+   [128, 1568] at k=157, par at k=40; at batch 64 it never won): ``values [out, k]`` +
+   ``index [out, k]`` (rows with fewer than k inputs are padded with weight 0),
+   y = sum_k values * x[..., index] + bias.
    A constant fan-in mask (SRigL) needs no padding.
 
 ``expand(condensed, template)`` returns a full-shape state dict: condensed tensors scattered
@@ -29,13 +34,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from strategies.sparse.condensed_transformer import swap_encoders
 from strategies.sparse.masks import Mask, apply_mask
-from strategies.sparse.units import consumer_columns, dead_units, unit_groups
+from strategies.sparse.units import consumer_columns, dead_units, unit_groups, unit_row_index
 
 __all__ = [
     "FanInLinear",
     "Slice",
     "condense",
+    "condense_for_speed",
     "condensed_mask",
     "expand",
     "swappable_linears",
@@ -126,13 +133,16 @@ def _unit_slices(
         dead = dead_units(mask, g)
         if dead.numel() == 0:
             continue
+        index = unit_row_index(g, tensors[g.producer].shape[0])  # [units, rows of a unit]
         for name in g.shift:  # removable only if the unit's output is exactly 0
-            dead = dead & (tensors[name].detach().cpu() == 0)
+            dead = dead & (tensors[name].detach().cpu() == 0)[index].all(1)
         if bool(dead.all()):  # keep one unit: zero-width layers are not supported by every op
             dead[0] = False
         keep = ~dead
+        keep_rows = torch.zeros(index.numel(), dtype=torch.bool)
+        keep_rows[index[keep].reshape(-1)] = True
         for name in (g.producer, *g.shift, *g.scale):
-            rows[name] = keep
+            rows[name] = keep_rows
         for c in g.consumers:
             width = tensors[c.weight].shape[1]
             col = cols.setdefault(c.weight, torch.ones(width, dtype=torch.bool))
@@ -153,16 +163,26 @@ def swappable_linears(root: nn.Module) -> list[str]:
     return out
 
 
-def _fanin_candidates(root: nn.Module, mask: Mask, max_density: float) -> list[str]:
+def _fanin_candidates(
+    root: nn.Module, mask: Mask, max_density: float, min_weights: int
+) -> list[str]:
     out = []
     for mod_name in swappable_linears(root):
         m = mask.get(f"{mod_name}.weight")
-        if m is not None and m.dim() == 2 and int(m.sum(1).max()) <= max_density * m.shape[1]:
+        if m is None or m.dim() != 2 or m.numel() < min_weights:
+            continue
+        if int(m.sum(1).max()) <= max_density * m.shape[1]:
             out.append(f"{mod_name}.weight")
     return out
 
 
-def condense(model: nn.Module, mask: Mask, *, fanin_max_density: float = 0.25) -> nn.Module:
+def condense(
+    model: nn.Module,
+    mask: Mask,
+    *,
+    fanin_max_density: float = 0.25,
+    fanin_min_weights: int = 0,
+) -> nn.Module:
     """A smaller copy of ``model`` computing the masked model's outputs (``model`` untouched)."""
     small = copy.deepcopy(model)
     apply_mask(small, mask)
@@ -185,7 +205,7 @@ def condense(model: nn.Module, mask: Mask, *, fanin_max_density: float = 0.25) -
         record[name] = Slice(tuple(t.shape), ri, ci)
         _set(small, name, new.clone())
     _sync_sizes(small)
-    for name in _fanin_candidates(small, new_mask, fanin_max_density):
+    for name in _fanin_candidates(small, new_mask, fanin_max_density, fanin_min_weights):
         mod_name = name.rpartition(".")[0]
         lin = small.get_submodule(mod_name)
         m = new_mask[name]  # [out, in]
@@ -202,8 +222,14 @@ def condense(model: nn.Module, mask: Mask, *, fanin_max_density: float = 0.25) -
         setattr(small.get_submodule(parent_name), child, fan)
         old = record.get(name, Slice(tuple(w.shape), None, None))
         record[name] = Slice(old.full_shape, old.rows, old.cols, fanin=True)
+    swap_encoders(small)  # heads/MLP width may have shrunk: explicit-op encoder layers
     small.leanfed_condensed = record  # type: ignore[assignment]
     return small
+
+
+def condense_for_speed(model: nn.Module, mask: Mask) -> nn.Module:
+    """``condense`` tuned for CPU latency: gather layers only where they beat a dense matmul."""
+    return condense(model, mask, fanin_max_density=0.03, fanin_min_weights=65536)
 
 
 def condensed_mask(condensed: nn.Module, mask: Mask) -> Mask:

@@ -32,6 +32,8 @@ All randomness comes from one ``torch.Generator`` so runs are reproducible given
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -62,7 +64,7 @@ from strategies.sparse.scores import magnitude_score
 from strategies.sparse.selection import predicate_selection, select_sparsifiable
 from strategies.sparse.structured import ablate_units, structured_init
 from strategies.sparse.structured_rules import STRUCTURES, layer_structures
-from strategies.sparse.units import unit_groups, zero_dead_shifts
+from strategies.sparse.units import unit_groups, unit_row_index, zero_dead_shifts
 
 __all__ = ["RULES", "RULE_TABLE", "STRUCTURED_RULES", "DSTConfig", "DSTController"]
 
@@ -114,6 +116,12 @@ class DSTController:
         self._dense_grads: dict[str, torch.Tensor] = {}
         self.groups = unit_groups(model) if config.rule in STRUCTURED_RULES else []
         self.structure = self._structures(config.rule)
+        # Multi-row units (attention heads): channel rules see [units, rows of a unit * fan_in].
+        self._unit_perm: dict[str, torch.Tensor] = {
+            g.producer: unit_row_index(g, self.shapes[g.producer][0]).reshape(-1)
+            for g in self.groups
+            if (g.rows_per_unit, g.blocks) != (1, 1) and self.structure[g.producer] == "channel"
+        }
         # srigl: constant fan-in plus neuron ablation where a unit can really be removed
         self._ablatable = {g.producer for g in self.groups} if config.rule == "srigl" else set()
 
@@ -137,7 +145,9 @@ class DSTController:
             init = ones_mask(self.shapes)
         elif config.rule in STRUCTURED_RULES:
             densities = self.planned_densities(config.density)
-            init = structured_init(self.shapes, densities, self.structure, self.generator)
+            shapes = {n: self._view_shape(n) for n in self.shapes}
+            init = structured_init(shapes, densities, self.structure, self.generator)
+            init = {n: self._unview(n, m) for n, m in init.items()}
         else:
             densities = self.planned_densities(config.density)
             if config.init == "random":
@@ -345,6 +355,29 @@ class DSTController:
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
                     v.masked_fill_(positions.to(v.device), 0)
 
+    def _view(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        # [rows, ...] -> [units, rows_per_unit * blocks * fan_in] for multi-row units.
+        perm = self._unit_perm.get(name)
+        if perm is None:
+            return t
+        return t[perm.to(t.device)].reshape(self._view_shape(name))
+
+    def _unview(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        perm = self._unit_perm.get(name)
+        if perm is None:
+            return t
+        out = torch.empty(self.shapes[name], dtype=t.dtype, device=t.device)
+        out[perm.to(t.device)] = t.reshape(self.shapes[name])
+        return out
+
+    def _view_shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(self.shapes[name])
+        if name not in self._unit_perm:
+            return shape
+        g = next(g for g in self.groups if g.producer == name)
+        units = g.units(shape[0])
+        return (units, math.prod(shape) // units)
+
     def _units(self, name: str) -> list[slice]:
         return unit_rows(name, self.shapes[name], self.slices.get(name, 1))
 
@@ -369,28 +402,30 @@ class DSTController:
             updated = 0
             # Each unit (a layer, or one slice of a fused q/k/v projection) keeps its own
             # active count: budgets never move between slices.
-            for rows in self._units(n):
-                m = self.mask[n][rows]
+            view, unview = partial(self._view, n), partial(self._unview, n)
+            for rows in self._units(n):  # multi-row units: one full slice, seen unit-major
+                m = view(self.mask[n][rows])
+                pr = None if prot is None else view(prot[rows].to(m.device))
                 active = int(m.sum())
                 droppable = active
-                if prot is not None:
-                    droppable = int((m & ~prot[rows].to(m.device)).sum())
+                if pr is not None:
+                    droppable = int((m & ~pr).sum())
                 # n_drop = round(f * active) (RigL), capped so the grow set exists.
                 k = min(round(fraction * active), droppable, m.numel() - active)
                 if k <= 0:
                     continue
-                w = p.detach()[rows]
-                g = None if grad is None else grad[rows]
+                w = view(p.detach()[rows])
+                g = None if grad is None else view(grad[rows])
                 layer = LayerState(n, w, m, g, self.generator, self.structure[n])
-                if prot is not None and layer.structure != "none":
+                if pr is not None and layer.structure != "none":
                     # Protected weights score +inf |w| (and their units +inf norm): never dropped.
-                    w_inf = w.masked_fill(prot[rows].to(m.device), float("inf"))
+                    w_inf = w.masked_fill(pr, float("inf"))
                     dropped = drop_rule(
                         LayerState(n, w_inf, m, g, self.generator, layer.structure), k
                     )
-                elif prot is not None:
+                elif pr is not None:
                     # Protected weights get +inf drop score, so they are never the lowest.
-                    score = magnitude_score(w).masked_fill(prot[rows].to(m.device), float("inf"))
+                    score = magnitude_score(w).masked_fill(pr, float("inf"))
                     dropped = drop_lowest(m, score, k)
                 else:
                     dropped = drop_rule(layer, k)
@@ -401,11 +436,11 @@ class DSTController:
                 grown = grow_rule(layer, after, dropped, k)
                 new = after | grown
                 check_prune_grow(m, dropped, grown, new, n)
-                new_full[rows] = new
-                changed[rows] = dropped | grown
+                new_full[rows] = unview(new)
+                changed[rows] = unview(dropped | grown)
                 with torch.no_grad():
                     # Grown weights start at exactly 0 (RigL); dropped ones are masked below.
-                    p[rows].masked_fill_(grown, 0.0)
+                    p[rows].masked_fill_(unview(grown), 0.0)
                 dropped_total += k
                 grown_total += k
                 updated += k

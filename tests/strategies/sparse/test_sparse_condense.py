@@ -142,3 +142,34 @@ def test_fanin_linear_exact() -> None:
     assert lin(x).tolist() == [[2.0 + 300.0 + 0.5, 10.0 - 1.0]]
     with pytest.raises(ValueError, match="differ"):
         FanInLinear(values, index[:, :1], None)
+
+
+def test_channel_rule_keeps_attention_heads_whole_and_condense_removes_dead_heads() -> None:
+    from strategies.sparse.condensed_transformer import CondensedAttention
+    from strategies.sparse.units import unit_row_index
+
+    model, mask, shape = trained("transformer", "channel")
+    groups = {g.producer: g for g in model.unit_groups()}  # type: ignore[operator]
+    name = "encoder.layers.0.self_attn.in_proj_weight"
+    index = unit_row_index(groups[name], 192)  # 4 heads x (3 x 16) rows
+    assert index.shape == (4, 48) and index[1, 16].item() == 64 + 16
+    alive_rows = mask[name].any(1)[index]  # [heads, 48]
+    # whole heads: every head is all-active or all-inactive in q, k and v
+    assert bool((alive_rows.all(1) | ~alive_rows.any(1)).all())
+    heads = int(alive_rows.all(1).sum())
+    assert 1 <= heads < 4
+    assert bool(mask[name][index[alive_rows.all(1)].reshape(-1)].any(1).all())
+    small = condense(model, mask)
+    attn = small.get_submodule("encoder.layers.0.self_attn")
+    assert isinstance(attn, CondensedAttention) and attn.heads == heads
+    assert tuple(attn.in_proj_weight.shape) == (48 * heads, 64)
+    assert tuple(attn.out_proj.weight.shape) == (64, 16 * heads)
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-5, rtol=0)
+    full = expand(small, model.state_dict())
+    assert torch.equal(full[name], model.state_dict()[name])
+    # the condensed transformer trains: a step changes the kept q/k/v rows
+    small.train()
+    F.cross_entropy(small(x), torch.arange(3)).backward()
+    assert attn.in_proj_weight.grad is not None and bool(attn.in_proj_weight.grad.any())
