@@ -162,6 +162,51 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | 
         return None
 
 
+TAG_ENV = "LEANFED_PROCESS_TAG"  # inherited by every child: finds them after reparenting
+
+
+def tagged_env(env: Mapping[str, str] | None, tag: str) -> dict[str, str]:
+    """``env`` (default: this process's) plus the tag that `stop_tagged` looks for."""
+    return {**(os.environ if env is None else env), TAG_ENV: tag}
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Live pids whose environment holds ``TAG_ENV=tag`` (Linux /proc; [] elsewhere).
+
+    A process started with a tagged env passes the tag to everything it spawns, also to
+    children that left its session or were reparented when their parent died, which
+    `descendants` can no longer find.
+    """
+    needle = f"{TAG_ENV}={tag}".encode()
+    found: list[int] = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        if pid != os.getpid() and needle in environ.split(b"\0") and _alive(pid):
+            found.append(pid)
+    return found
+
+
+def stop_tagged(tag: str, timeout: float = 10.0) -> list[int]:
+    """SIGTERM, then after ``timeout`` SIGKILL, every live process carrying ``tag``.
+
+    Returns the pids that were still running (the leftovers of a failed teardown).
+    """
+    pids = tagged_pids(tag)
+    for pid in pids:
+        _signal_pid(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            _signal_pid(pid, signal.SIGKILL)
+    return pids
+
+
 def wait_for_health(
     address: str,
     *,

@@ -6,12 +6,15 @@ app (served to the SuperLink by leanfed's app registry) and every checkpoint; tw
 with ``--trusted-entities`` each read only their own NPZ file (``--node-config
 data-path=...``), authenticate with their own registered EC key and trust our CA. A third
 SuperNode whose key was never registered must be refused. Every process is started in its
-own session and stopped by pid in ``finally``.
+own session with a per-run tag in its environment and stopped by pid in ``finally``: first
+each process with what it spawned, then anything still carrying the tag (a Flower child
+orphaned by a crash), so a failing run leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import subprocess
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +92,12 @@ def deploy_and_run(
 ) -> dict[str, object]:
     """Bring up a TLS + node-auth federation on localhost, run the app once, tear it down.
 
-    Returns what the assertions need: the flwr run result, the run status, and the exit
-    code and log of the unregistered SuperNode.
+    Returns what the assertions need: the flwr run result, the run status, the exit code
+    and log of the unregistered SuperNode, and the tag every started process carried.
     """
     home = work / "flwr-home"
-    env = flower.flwr_env(home)
+    tag = uuid.uuid4().hex
+    env = processes.tagged_env(flower.flwr_env(home), tag)
     # The ServerApp records the run; keep its SQLite store out of the repository. The
     # signing key reaches it through the SuperLink's environment, never the run config.
     env["LEANFED_DB_URL"] = f"sqlite:///{work / 'runs.db'}"
@@ -105,8 +109,6 @@ def deploy_and_run(
     # The operator signs the app; sites trust only the operator's key.
     signed = sign_app_dir(app, work / "registry", load_signer(signing.private_key))
     trusted = write_trusted_entities(work / "trusted.yaml", [signing.public_key])
-    registry = AppRegistry(work / "registry").start()
-    env["FLWR_SUPERGRID_API_URL"] = registry.api_url
     port = processes.free_port()
     address = f"127.0.0.1:{port}"  # the operator's (loopback) address
     flower.write_connection(home, CONNECTION, address, root_certificates=tls.ca_cert)
@@ -115,7 +117,10 @@ def deploy_and_run(
 
     procs: list[subprocess.Popen[bytes]] = []
     out: dict[str, object] = {"signing_key": signing.public_key, "proxied": bool(nginx)}
+    out["tag"] = tag
+    registry = AppRegistry(work / "registry").start()
     try:
+        env["FLWR_SUPERGRID_API_URL"] = registry.api_url
         superlink = processes.start_process(
             flower.superlink_command(port, tls, supernode_auth=True),
             work / "superlink.log",
@@ -126,7 +131,10 @@ def deploy_and_run(
         processes.wait_for_health(address, ca_cert=tls.ca_cert, proc=superlink, timeout=60)
         if nginx:  # sites reach the Fleet API only, through the proxy
             proxy = write_proxy(work / "proxy", site_address, address, tls)
-            procs.append(processes.start_process(proxy.command(nginx), work / "nginx.log"))
+            nginx_env = processes.tagged_env(None, tag)
+            procs.append(
+                processes.start_process(proxy.command(nginx), work / "nginx.log", env=nginx_env)
+            )
             processes.wait_for_health(site_address, ca_cert=tls.ca_cert, proc=procs[-1])
 
         for pair in keys[:-1]:
@@ -183,9 +191,12 @@ def deploy_and_run(
             else "not started"
         )
     finally:
-        for proc in reversed(procs):
-            processes.stop_process(proc)
-        registry.stop()
+        try:
+            for proc in reversed(procs):
+                processes.stop_process(proc)
+        finally:  # what stop_process could not reach: orphans that left the process tree
+            out["leftover_pids"] = processes.stop_tagged(tag)
+            registry.stop()
     out["intruder_log"] = (work / "supernode-unregistered.log").read_text(errors="replace")
     out["superlink_log"] = (work / "superlink.log").read_text(errors="replace")
     return out
@@ -230,3 +241,4 @@ def test_tls_deployment_with_supernode_auth(tmp_path: Path) -> None:
     assert out["intruder_code"] not in (None, 0), _logs(tmp_path)
     assert "Failed to activate SuperNode" in str(out["intruder_log"]), _logs(tmp_path)
     assert "No SuperNode found with the given public key" in str(out["superlink_log"])
+    assert processes.tagged_pids(str(out["tag"])) == []  # nothing left running
