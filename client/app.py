@@ -11,11 +11,11 @@ from client.continual import client_stream, continual_round, current_experience,
 from client.data import local_data
 from client.dp_local import account_site
 from client.local import RoundOutcome, local_evaluate, local_round
+from client.statics import client_round_seed, fresh_model, run_config, seeded_global_rng
 from strategies import codec
 from strategies.aggregation import secagg_wire
 from strategies.sparse.masks import Mask, pack_mask, unpack_mask
 from tasks.config import LeanfedConfig
-from tasks.plugins import run_model
 
 app = ClientApp()
 # SecAgg+ key stages (query.secagg_*); the masked input itself is the train reply.
@@ -27,7 +27,7 @@ STATE_KEY = "leanfed"  # ConfigRecord in context.state: the last global mask thi
 
 
 def _config(context: Context) -> LeanfedConfig:
-    return LeanfedConfig.from_run_config(dict(context.run_config))
+    return run_config(context.run_config)
 
 
 def _load_mask(context: Context) -> Mask | None:
@@ -71,7 +71,7 @@ def _model_and_data(
 ) -> tuple[LeanfedConfig, torch.nn.Module, torch.Tensor, torch.Tensor]:
     cfg = _config(context)
     data = local_data(cfg, dict(context.node_config))
-    model = run_model(cfg, data.input_shape, data.num_classes)
+    model = fresh_model(cfg, data.input_shape, data.num_classes)
     return cfg, model, data.x, data.y
 
 
@@ -80,18 +80,9 @@ def train(msg: Message, context: Context) -> Message:
     """Train locally under the global mask and reply with values under the client's own mask."""
     cfg = _config(context)
     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
-    if cfg.cl_scenario != "none":
-        model, out = _continual_train(msg, context, cfg, server_round)
-    else:
-        cfg, model, x, y = _model_and_data(context)
-        mask = _receive(msg, context, model)
-        # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
-        seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
-        gen = torch.Generator().manual_seed(seed)
-        mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))  # type: ignore[arg-type]
-        out = local_round(model, x, y, cfg, server_round, mask, gen, mu)
-        if cfg.privacy_mode == "record":  # this site's epsilon over all its DP-SGD steps
-            out.extra["dp_epsilon"] = account_site(context.state, cfg, out.steps, len(x))
+    # Dropout draws from the global RNG: seed it per (run, round, node) for this round.
+    with seeded_global_rng(client_round_seed(cfg.seed, server_round, context.node_id)):
+        model, out = _train_round(msg, context, cfg, server_round)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if msg.content.config_records["config"].get(secagg_wire.MODE_KEY) == "secagg":
         if out.mask is None:
@@ -130,12 +121,30 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
+def _train_round(
+    msg: Message, context: Context, cfg: LeanfedConfig, server_round: int
+) -> tuple[torch.nn.Module, RoundOutcome]:
+    """Receive the global model and train this round (continual clients: on their stream)."""
+    if cfg.cl_scenario != "none":
+        return _continual_train(msg, context, cfg, server_round)
+    cfg, model, x, y = _model_and_data(context)
+    mask = _receive(msg, context, model)
+    # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
+    seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
+    gen = torch.Generator().manual_seed(seed)
+    mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))  # type: ignore[arg-type]
+    out = local_round(model, x, y, cfg, server_round, mask, gen, mu)
+    if cfg.privacy_mode == "record":  # this site's epsilon over all its DP-SGD steps
+        out.extra["dp_epsilon"] = account_site(context.state, cfg, out.steps, len(x))
+    return model, out
+
+
 def _continual_train(
     msg: Message, context: Context, cfg: LeanfedConfig, server_round: int
 ) -> tuple[torch.nn.Module, RoundOutcome]:
     """The client's data is its stream: restore CL state, advance, regrow/protect, train."""
     data = client_stream(cfg, dict(context.node_config))
-    model = run_model(cfg, data.input_shape, data.num_classes)
+    model = fresh_model(cfg, data.input_shape, data.num_classes)
     mask = _receive(msg, context, model)
     seed = node_seed(cfg, context.node_id)
     gen = torch.Generator().manual_seed((seed + server_round) % (2**63))
@@ -150,7 +159,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     per_task: dict[str, float] = {}
     if cfg.cl_scenario != "none":
         data = client_stream(cfg, dict(context.node_config))
-        model = run_model(cfg, data.input_shape, data.num_classes)
+        model = fresh_model(cfg, data.input_shape, data.num_classes)
         _receive(msg, context, model)
         # This client's row of the accuracy matrix: the global model on its own data of
         # every experience in its stream (future ones too, for forward transfer).

@@ -127,3 +127,31 @@ def test_bad_arguments_are_refused() -> None:
         InProcessGrid("tasks.config:LeanfedConfig", 2)
     with pytest.raises(ValueError, match="workers must be >= 0"):
         InProcessGrid(counter_app, 2, workers=-1)
+
+
+DROPOUT = TINY.replace(
+    model="transformer",
+    num_server_rounds=2,
+    local_steps=2,
+    local_batch_size=8,
+    plugin_options=(
+        ("model", "d-model", 8),
+        ("model", "nhead", 2),
+        ("model", "num-layers", 1),
+    ),
+)
+
+
+def test_dropout_draws_depend_on_run_round_and_node_not_on_the_worker() -> None:
+    # Dropout draws from the process RNG: without a per-(seed, round, node) seed, a node's
+    # draws depend on which clients its worker ran before (and a resumed run differs).
+    def run(workers: int) -> str:
+        with InProcessGrid(
+            "client.app:app",
+            DROPOUT.num_partitions,
+            run_config=DROPOUT.to_run_config(),
+            workers=workers,
+        ) as grid:
+            return _sha(run_federated(grid, DROPOUT).final_state)
+
+    assert run(1) == run(2)

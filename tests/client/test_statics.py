@@ -1,0 +1,56 @@
+"""Per-process client caches: the parsed config and the model template change no result."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from client.statics import client_round_seed, fresh_model, run_config, seeded_global_rng
+from tasks.config import LeanfedConfig
+from tasks.plugins import run_model
+
+CFG = LeanfedConfig(dataset="digits", model="mlp", num_partitions=4, seed=5)
+
+
+def test_run_config_is_parsed_once_and_equals_a_fresh_parse() -> None:
+    raw = CFG.to_run_config()
+    first = run_config(raw)
+    assert first == LeanfedConfig.from_run_config(dict(raw))
+    assert run_config(dict(raw)) is first  # a second call reuses the parse
+    assert run_config({**raw, "seed": 6}).seed == 6  # another config is parsed on its own
+
+
+def test_fresh_model_is_a_new_copy_with_the_seeded_init() -> None:
+    a = fresh_model(CFG, (64,), 10)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(1.0)  # a client trains its copy; the next client must not see it
+    b = fresh_model(CFG, (64,), 10)
+    ref = run_model(CFG, (64,), 10)
+    assert b is not a
+    assert b.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in ref.state_dict().items())
+    assert not torch.equal(a.state_dict()["fc1.weight"], ref.state_dict()["fc1.weight"])
+
+
+@given(st.integers(0, 2**31), st.integers(1, 1000), st.integers(0, 2**64 - 1))
+def test_client_round_seed_is_a_63_bit_function_of_its_inputs(
+    seed: int, rnd: int, node: int
+) -> None:
+    s = client_round_seed(seed, rnd, node)
+    assert 0 <= s < 2**63 and s == client_round_seed(seed, rnd, node)
+    assert s != client_round_seed(seed, rnd + 1, node)
+
+
+def test_seeded_global_rng_repeats_draws_and_restores_the_process_stream() -> None:
+    torch.manual_seed(0)
+    with seeded_global_rng(7):
+        first = torch.rand(4)
+    after = torch.rand(4)
+    torch.rand(100)  # a different history before the next client
+    with seeded_global_rng(7):
+        again = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(first, again)
+    assert torch.equal(after, torch.rand(4))  # the block left the process stream untouched
