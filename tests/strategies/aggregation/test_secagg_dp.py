@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
@@ -163,3 +164,62 @@ def test_a_site_computes_n_min_itself_and_refuses_another() -> None:
     rec["num-clients"] = 5
     # the noise comes from the site's own z, not from anything the server sends
     assert _dp_plan(rec, st, ctx, shapes, {}).noise_std == pytest.approx(Z * C / math.sqrt(3))
+
+
+def test_epsilon_is_stored_and_shown_with_the_real_server_app(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from server.app import app as server_app
+    from server.store import RunStore
+    from simulations.cli import app as cli
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    monkeypatch.setenv("LEANFED_DB_URL", url)
+    cfg = DP.replace(num_server_rounds=2)
+    grid = DropoutGrid(client_app, 5, run_config=cfg.to_run_config())
+    ctx = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_run_config()
+    )
+    server_app(grid, ctx)
+    with RunStore(url) as store:
+        (run,) = store.list_runs()
+        rounds = store.get_rounds(run.id)
+    assert run.status == "completed"
+    assert [r.metrics["dp_epsilon"] for r in rounds] == [
+        epsilon(Z, 1.0, t, CFG.privacy_delta) for t in (1, 2)
+    ]
+    out = CliRunner().invoke(cli, ["runs", "show", run.id, "--db", url])
+    assert out.exit_code == 0, out.output
+    assert "dp_epsilon" in out.output and "privacy.mode=client" in out.output
+
+
+def test_a_resumed_run_continues_the_accounting(tmp_path) -> None:
+    from server.session import run_recorded
+    from server.store import RunStore
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    cfg = DP.replace(num_server_rounds=2, privacy_adaptive_clip=True)
+
+    def stop(rec) -> None:  # type: ignore[no-untyped-def]
+        if rec.round == 1:
+            raise KeyboardInterrupt
+
+    grid = DropoutGrid(client_app, 5, run_config=cfg.to_run_config())
+    with RunStore(url) as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_recorded(grid, cfg, store, on_round=stop)
+        (run,) = store.list_runs()
+    resumed = cfg.replace(resume=run.id)
+    grid = DropoutGrid(client_app, 5, run_config=cfg.to_run_config())
+    with RunStore(url) as store:
+        run_recorded(grid, resumed, store)
+        rounds = store.get_rounds(run.id)
+        latest = store.latest_checkpoint(run.id)
+    # round 2 composes on the checkpointed count (1 round), not from scratch
+    assert [r.round for r in rounds] == [1, 2]
+    assert [r.metrics["dp_epsilon"] for r in rounds] == [
+        epsilon(Z, 1.0, t, CFG.privacy_delta) for t in (1, 2)
+    ]
+    assert latest is not None and latest[0] == 2
+    ck = torch.load(io.BytesIO(latest[1]), weights_only=True)
+    assert ck["dp"] == {"dp_rounds": 2, "clip": rounds[1].metrics["dp_clip"]}
