@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg
+from client.condensed import CONDENSED_KEY, node_capacity, receive_condensed
 from client.continual import client_stream, continual_round, current_experience, node_seed
 from client.data import local_data
 from client.dp_local import account_site
@@ -82,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
     # Dropout draws from the global RNG: seed it per (run, round, node) for this round.
     with seeded_global_rng(client_round_seed(cfg.seed, server_round, context.node_id)):
-        model, out = _train_round(msg, context, cfg, server_round)
+        model, out, on_wire = _train_round(msg, context, cfg, server_round)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if msg.content.config_records["config"].get(secagg_wire.MODE_KEY) == "secagg":
         if out.mask is None:
@@ -97,6 +100,12 @@ def train(msg: Message, context: Context) -> Message:
     if out.mask is None:
         arrays = ArrayRecord(state)
         upload = sum(len(a.data) for a in arrays.values())
+    elif on_wire is not None:  # condensed: the mask it was sent, so no mask bits go back
+        wire_mask = {k: out.mask[k] for k in on_wire}
+        payload = codec.encode(
+            state, wire_mask, value_dtype=cfg.codec_upload_dtype, send_mask=False
+        )
+        arrays, upload = codec.to_arrayrecord(payload), len(payload)
     else:
         # The mask rides along only when this client changed it.
         payload = codec.encode(
@@ -123,20 +132,37 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train_round(
     msg: Message, context: Context, cfg: LeanfedConfig, server_round: int
-) -> tuple[torch.nn.Module, RoundOutcome]:
-    """Receive the global model and train this round (continual clients: on their stream)."""
+) -> tuple[torch.nn.Module, RoundOutcome, list[str] | None]:
+    """Receive the global model and train this round (continual clients: on their stream).
+
+    Returns the model, the outcome (``extra`` holds "capacity" and "train_s", the seconds
+    of local training) and, for a condensed sub-network, the keys whose mask the reply
+    carries (None otherwise).
+    """
+    capacity = node_capacity(dict(context.node_config))
+    condensed = msg.content.config_records["config"].get(CONDENSED_KEY) == 1
+    on_wire: list[str] | None = None
     if cfg.cl_scenario != "none":
-        return _continual_train(msg, context, cfg, server_round)
-    cfg, model, x, y = _model_and_data(context)
-    mask = _receive(msg, context, model)
-    # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
-    seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
-    gen = torch.Generator().manual_seed(seed)
-    mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))  # type: ignore[arg-type]
-    out = local_round(model, x, y, cfg, server_round, mask, gen, mu)
-    if cfg.privacy_mode == "record":  # this site's epsilon over all its DP-SGD steps
-        out.extra["dp_epsilon"] = account_site(context.state, cfg, out.steps, len(x))
-    return model, out
+        started = time.perf_counter()
+        model, out = _continual_train(msg, context, cfg, server_round)
+    else:
+        cfg, model, x, y = _model_and_data(context)
+        mask: Mask | None
+        if condensed:  # the server sent this node's sub-network: train it physically smaller
+            model, mask, on_wire = receive_condensed(msg.content, cfg, model)
+        else:
+            mask = _receive(msg, context, model)
+        # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
+        seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
+        gen = torch.Generator().manual_seed(seed)
+        mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))  # type: ignore[arg-type]
+        started = time.perf_counter()  # local training only (not data loading or decoding)
+        out = local_round(model, x, y, cfg, server_round, mask, gen, mu, readjust=not condensed)
+        if cfg.privacy_mode == "record":  # this site's epsilon over all its DP-SGD steps
+            out.extra["dp_epsilon"] = account_site(context.state, cfg, out.steps, len(x))
+    out.extra["train_s"] = time.perf_counter() - started
+    out.extra["capacity"] = capacity
+    return model, out, on_wire
 
 
 def _continual_train(

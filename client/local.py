@@ -84,6 +84,7 @@ def local_round(
     mask: Mask | None,
     generator: torch.Generator,
     proximal_mu: float = 0.0,
+    readjust: bool = True,
 ) -> RoundOutcome:
     """Train ``local.steps`` steps; on readjustment rounds prune+regrow halfway through.
 
@@ -94,7 +95,8 @@ def local_round(
     upload instead of being sent as zeros.
     """
     optimizer, controller = round_controller(model, cfg, mask, generator)
-    fraction = readjust_fraction(cfg, server_round)
+    # A condensed sub-network (client.condensed) cannot grow units it does not hold.
+    fraction = readjust_fraction(cfg, server_round) if readjust else None
     first = cfg.local_steps if fraction is None else max(1, cfg.local_steps // 2)
     params = model.named_parameters()
     anchor = {k: v.detach().clone() for k, v in params} if proximal_mu else None

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from strategies.aggregation.condensed import CondensedSparseFedAvg
 from strategies.aggregation.counting import ByteCountingFedAvg
 from strategies.aggregation.dp import DPSparseFedAvg
 from strategies.aggregation.secagg import SecAggSparseFedAvg
@@ -34,6 +35,7 @@ from strategies.sparse.masks import Mask
 from strategies.sparse.saliency import saliency_mask, saliency_scores
 from strategies.sparse.selection import parse_patterns, select_sparsifiable
 from strategies.sparse.structured import structured_init
+from strategies.sparse.units import unit_groups
 from tasks.config import STRUCTURED_RULES, ConfigError, LeanfedConfig
 from tasks.datasets import Dataset, load_dataset
 from tasks.evaluation import evaluate
@@ -163,7 +165,9 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
         end_round = None  # a stream can switch task in any round: keep re-voting to the end
     secure: dict[str, Any] = {}
     cls: type[SparseFedAvg] = SparseFedAvg
-    if cfg.secure_mode == "secagg":
+    if cfg.dst_condensed:  # unit groups are set from the model in run_federated
+        cls = CondensedSparseFedAvg
+    elif cfg.secure_mode == "secagg":
         cls = SecAggSparseFedAvg
         secure = {
             "threshold": cfg.secure_threshold,
@@ -342,7 +346,10 @@ def run_federated(
         strategy = build_strategy(cfg)
         if isinstance(strategy, SparseFedAvg) and strategy.density < 1.0:
             strategy.mask = sparse_init(model, cfg)
-            strategy.structure = layer_kinds(model, cfg)
+    if isinstance(strategy, SparseFedAvg):  # the model's structure (also on resume)
+        strategy.structure = layer_kinds(model, cfg)
+    if isinstance(strategy, CondensedSparseFedAvg):
+        strategy.unit_groups = unit_groups(model)
     sizes = known_partition_sizes(grid, cfg, ds)
     if sizes:  # "num-examples" may not exceed what the node holds
         strategy.limits = dataclasses.replace(strategy.limits, partition_sizes=sizes)

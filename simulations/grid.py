@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +35,7 @@ from simulations.pool import (
     execute,
     from_bytes,
     load_client_app,
+    node_config,
     to_bytes,
     torch_threads,
 )
@@ -88,6 +89,7 @@ class InProcessGrid(Grid):
         run_id: int = 1,
         node_id_seed: int = 0,
         workers: int = 0,
+        capacities: Sequence[float] | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
@@ -103,6 +105,10 @@ class InProcessGrid(Grid):
         rng = random.Random(node_id_seed)
         self.node_ids = [rng.getrandbits(64) | (1 << 63) for _ in range(num_nodes)]
         self._partition = {nid: i for i, nid in enumerate(self.node_ids)}
+        # per partition: the node config "capacity" (clients of different width)
+        self.capacities = [1.0] * num_nodes if capacities is None else list(capacities)
+        if len(self.capacities) != num_nodes:
+            raise ValueError(f"capacities: {len(self.capacities)} values for {num_nodes} nodes")
         self._states: dict[int, bytes] = {}  # only nodes whose state is not empty
         self._replies: dict[str, Message] = {}
         self.traffic = TrafficLog()
@@ -157,10 +163,11 @@ class InProcessGrid(Grid):
         return Context(
             run_id=self._run.run_id,
             node_id=node_id,
-            node_config={
-                "partition-id": self._partition[node_id],
-                "num-partitions": len(self.node_ids),
-            },
+            node_config=node_config(
+                self._partition[node_id],
+                len(self.node_ids),
+                self.capacities[self._partition[node_id]],
+            ),
             state=from_bytes(state) if state else RecordDict(),
             run_config=dict(self.run_config),
         )
@@ -229,6 +236,7 @@ class InProcessGrid(Grid):
             ttl=md.ttl,
             content=content,
             state=self.state_bytes(md.dst_node_id),
+            capacity=self.capacities[self._partition[md.dst_node_id]],
         )
 
     def _execute(self, jobs: list[NodeJob]) -> Iterable[NodeResult]:

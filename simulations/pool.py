@@ -72,6 +72,7 @@ class NodeJob:
     ttl: float | None
     content: bytes  # serialized RecordDict of the message
     state: bytes  # serialized RecordDict of the node's context.state (b"" when empty)
+    capacity: float = 1.0  # node config "capacity" (client.condensed.node_capacity)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,19 @@ class NodeResult:
     content: bytes | None
     error: tuple[int, str] | None
     state: bytes
+
+
+def node_config(
+    partition: int, num_partitions: int, capacity: float
+) -> dict[str, bool | float | int | str]:
+    """Flower's simulation node config, plus "capacity" for a node below full capacity."""
+    out: dict[str, bool | float | int | str] = {
+        "partition-id": partition,
+        "num-partitions": num_partitions,
+    }
+    if capacity != 1.0:
+        out["capacity"] = capacity
+    return out
 
 
 def execute(app: ClientApp, job: NodeJob, run_config: RunConfig) -> NodeResult:
@@ -99,7 +113,7 @@ def execute(app: ClientApp, job: NodeJob, run_config: RunConfig) -> NodeResult:
         run_id=job.run_id,
         node_id=job.node_id,
         # Flower's simulation engine gives each node these two node_config keys.
-        node_config={"partition-id": job.partition_id, "num-partitions": job.num_partitions},
+        node_config=node_config(job.partition_id, job.num_partitions, job.capacity),
         state=from_bytes(job.state) if job.state else RecordDict(),
         run_config=dict(run_config),
     )

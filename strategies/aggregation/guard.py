@@ -19,7 +19,7 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from strategies.aggregation.metric_rules import check_metrics, common_keys
+from strategies.aggregation.metric_rules import TIMING_KEYS, check_metrics, common_keys
 from strategies.aggregation.validate import (
     NormBound,
     ReplyLimits,
@@ -152,7 +152,15 @@ class ReplyGuard:
     def _metrics(self, aggr: MetricsAggr, verdicts: Sequence[Verdict]) -> MetricRecord:
         """`aggr` (Flower's weighted average by default) over the accepted replies' checked
         metrics, cut to the keys all of them report."""
-        records = common_keys([dict(v.metrics) for v in verdicts if v.accepted])
+        # Wall-clock keys stay per client (``round_clients``): averaged into the round's
+        # metrics they would make two runs of the same seed differ.
+        records = common_keys(
+            [
+                {k: x for k, x in v.metrics.items() if k not in TIMING_KEYS}
+                for v in verdicts
+                if v.accepted
+            ]
+        )
         if not records:
             return MetricRecord()
         contents = [RecordDict({"metrics": MetricRecord(r)}) for r in records]  # type: ignore[arg-type]

@@ -64,6 +64,9 @@ TRAIN_METRICS: dict[str, MetricRule] = {
     "replay_size": _COUNT,
     "frozen": _COUNT,
     "train_flops": _COUNT,
+    # the node's declared budget (node config "capacity"; strategies.aggregation.condensed)
+    "capacity": MetricRule(float, 1e-6, 1.0),
+    "train_s": MetricRule(float, 0.0, 1e7),  # seconds of local training this round
 }
 EVALUATE_METRICS: dict[str, MetricRule] = {
     WEIGHT_KEY: MetricRule(int, 1, _BIG),
@@ -74,6 +77,8 @@ EVALUATE_METRICS: dict[str, MetricRule] = {
 EVALUATE_PATTERNS: list[tuple[re.Pattern[str], MetricRule]] = [
     (re.compile(r"task_acc\.\d{1,4}"), _FRACTION),
 ]
+# Wall-clock metrics: kept per client, never averaged into a round's (reproducible) metrics.
+TIMING_KEYS = frozenset({"train_s"})
 _RULES = {"train": TRAIN_METRICS, "evaluate": EVALUATE_METRICS}
 _PATTERNS: dict[str, list[tuple[re.Pattern[str], MetricRule]]] = {
     "train": [],

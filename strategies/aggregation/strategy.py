@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -43,7 +44,7 @@ from flwr.supercore import log
 
 from strategies import codec
 from strategies.aggregation.guard import ReplyGuard
-from strategies.aggregation.merge import MergeOptions, MergeRule
+from strategies.aggregation.merge import ClientUpdate, MergeOptions, MergeRule
 from strategies.aggregation.rules import (
     VOTE_RULES,
     AggregationRule,
@@ -55,6 +56,7 @@ from strategies.aggregation.rules import (
 )
 from strategies.aggregation.validate import ModelSpec, ReplyLimits, validate_replies
 from strategies.aggregation.wire import (
+    Decoded,
     ReplyError,
     decode_payload,
     decode_reply,
@@ -66,6 +68,8 @@ from strategies.sparse.masks import Mask, default_sparsifiable, random_mask
 from strategies.sparse.structured import structured_init
 
 __all__ = ["VOTES", "SparseFedAvg", "decode_reply", "encode_global"]
+
+Decoder = Callable[[Message], Decoded]
 
 # Built-in consensus-mask votes (strategies.aggregation.rules.VOTE_RULES; plug-ins too):
 # "weighted" = FedDST's examples-weighted vote, ties by |merged value|;
@@ -252,7 +256,8 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         sent: dict[int, int] = {}
         for node in node_ids:
             send_mask = self._node_version.get(node) != self.mask_version
-            if send_mask not in payloads:
+            own = self._node_payload(kind, server_round, node, state, mask)
+            if own is None and send_mask not in payloads:
                 payloads[send_mask] = encode_global(state, mask, send_mask, self.download_dtype)
                 sizes[send_mask] = len(codec.from_arrayrecord(payloads[send_mask]))
             cfg = ConfigRecord(dict(config))
@@ -262,18 +267,38 @@ class SparseFedAvg(ReplyGuard, FedAvg):
             cfg["leanfed.density"] = float(self.density)
             cfg["leanfed.upload-dtype"] = self.upload_dtype
             cfg["leanfed.mask-round"] = int(self._mask_round(server_round))
-            content = RecordDict(
-                {self.arrayrecord_key: payloads[send_mask], self.configrecord_key: cfg}
-            )
+            record, size, version = payloads.get(send_mask), sizes.get(send_mask, 0), None
+            if own is not None:  # a per-node payload (condensed sub-network): its own config
+                record, size, extra = own
+                cfg.update(extra)
+                version = self._node_version.get(node, -1)  # the node's full mask is unchanged
+            assert record is not None
+            content = RecordDict({self.arrayrecord_key: record, self.configrecord_key: cfg})
             msg_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
             messages.append(Message(content, node, msg_type, group_id=str(server_round)))
-            sent[node] = self.mask_version
+            sent[node] = self.mask_version if version is None else version
             if kind == "train":
-                self._sent_bytes[node] = sizes[send_mask]
+                self._sent_bytes[node] = size
             log_key = "download" if kind == "train" else "download_evaluate"
-            self._log_bytes(server_round, log_key, sizes[send_mask])
+            self._log_bytes(server_round, log_key, size)
         self._sent[kind] = sent
         return messages
+
+    def _node_payload(
+        self, kind: str, server_round: int, node: int, state: dict[str, torch.Tensor], mask: Mask
+    ) -> tuple[ArrayRecord, int, dict[str, Any]] | None:
+        """A payload of this node's own (record, bytes, extra config), or None for the shared
+        global payload. Hook for subclasses (``condensed.CondensedSparseFedAvg``)."""
+        return None
+
+    def _decoder(self, mask: Mask, wire_spec: dict[str, codec.TensorSpec]) -> Decoder:
+        """How a train reply is decoded into full-shape (values, mask): the codec payload
+        under the mask sent this round. Hook for subclasses."""
+        return lambda m: decode_payload(m, mask, wire_spec)
+
+    def _prepare(self, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The accepted updates as the merge rule sees them (after validation). Hook."""
+        return accepted
 
     def _log_bytes(self, server_round: int, key: str, n: int) -> None:
         row = self.bytes_log.setdefault(
@@ -353,7 +378,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         accepted, verdicts = validate_replies(
             replies,
             sent,
-            lambda m: decode_payload(m, mask, wire_spec),
+            self._decoder(mask, wire_spec),
             spec,
             previous,
             self.limits,
@@ -369,6 +394,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         mask_changed = 0
         arrays: ArrayRecord | None = None
         if accepted:
+            accepted = self._prepare(accepted)
             rnd = RoundInput(server_round, dict(mask), previous, accepted, self.structure)
             merged = self.rule.aggregate(rnd)
             bad = [k for k in previous if k not in merged or merged[k].shape != previous[k].shape]

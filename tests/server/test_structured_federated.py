@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from client.app import app as client_app
-from server.runner import make_model, run_dataset, run_federated, sparse_init
 from server.runner import _dataset as runner_dataset
+from server.runner import make_model, run_dataset, run_federated, sparse_init
 from simulations.grid import InProcessGrid
 from strategies.sparse.structured import check_structure
 from tasks.config import ConfigError, LeanfedConfig
