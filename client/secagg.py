@@ -25,6 +25,7 @@ from tasks.config import LeanfedConfig
 
 STATE = "leanfed.secagg"
 MAX_IDS = 100_000  # refuse larger id lists before allocating
+MIN_NOISE_KEY = "dp-min-noise-multiplier"  # a site's own floor on z (its --node-config)
 
 
 def _save(context: Context, st: P.ClientState, c_pks: dict[int, bytes]) -> None:
@@ -175,15 +176,26 @@ def _dp_plan(
     floats: dict[str, tuple[int, ...]],
     public: Mask,
 ) -> DPSumPlan:
-    """The distributed-DP plan, with the noise multiplier taken from this site's OWN config.
+    """The distributed-DP plan: the noise multiplier from the run config, never the plan.
 
-    The server supplies only public quantities (clip, sampled count, count noise); n_min
-    comes from this site's threshold fraction and the key-sharer count, and a plan claiming
-    another n_min (or fewer key sharers than this node's group has) is refused.
+    The round's plan supplies only public quantities (clip, sampled count, count noise);
+    n_min comes from the run's threshold fraction and the key-sharer count, and a plan
+    claiming another n_min (or fewer key sharers than this node's group has) is refused.
+    The run config itself comes from whoever started the run (it is in the audit trail); a
+    site that wants its own floor sets ``--node-config dp-min-noise-multiplier=Z`` and
+    refuses any run configured with less noise.
     """
     cfg = LeanfedConfig.from_run_config(dict(context.run_config))
     if cfg.privacy_mode != "client":
         raise SecAggError("the server asked for DP noise; this site runs privacy.mode != client")
+    floor = context.node_config.get(MIN_NOISE_KEY, 0.0)
+    if isinstance(floor, bool) or not isinstance(floor, int | float):
+        raise SecAggError(f"node config {MIN_NOISE_KEY} must be a number")
+    if cfg.privacy_noise_multiplier < floor:
+        raise SecAggError(
+            f"the run's privacy.noise-multiplier {cfg.privacy_noise_multiplier:g} is below this "
+            f"site's {MIN_NOISE_KEY} {floor:g}"
+        )
     sharers, sampled = W.get_int(rec, "num-clients"), W.get_int(rec, "dp-sampled")
     if sharers < len(P.ids_from_bytes(W.get_bytes(rec, "u1"), MAX_IDS)) or sampled < sharers:
         raise SecAggError("the plan counts fewer key sharers than this node's group holds")

@@ -112,7 +112,7 @@ class LeanfedConfig:
     # secure aggregation (SecAgg+, strategies/secure): "none" = plaintext replies
     secure_mode: str = "none"
     secure_threshold: float = 0.5  # t = floor(threshold * |group|) + 1 shares rebuild a secret
-    secure_clip: float = 1.0  # |local - global| clipped to this before quantization
+    secure_clip: float = 1.0  # |local - global| clip before quantizing (DP: C + 4 sigma instead)
     secure_quant_bits: int = 16  # quantization levels 2^(q-1) - 1 per side of the clip range
     secure_max_weight: int = 4096  # a client's weight is min(examples, this)
     secure_neighbors: int = 0  # SecAgg+ graph degree k (0 = complete graph: SecAgg)

@@ -162,6 +162,15 @@ def test_a_site_computes_n_min_itself_and_refuses_another() -> None:
     with pytest.raises(SecAggError, match="fewer key sharers"):
         _dp_plan(rec, st, ctx, shapes, {})
     rec["num-clients"] = 5
+    floor = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"dp-min-noise-multiplier": 0.8},  # the site's own floor: z = 0.5 < 0.8
+        state=RecordDict(),
+        run_config=DP.to_run_config(),
+    )
+    with pytest.raises(SecAggError, match="below this site's dp-min-noise-multiplier"):
+        _dp_plan(rec, st, floor, shapes, {})
     # the noise comes from the site's own z, not from anything the server sends
     assert _dp_plan(rec, st, ctx, shapes, {}).noise_std == pytest.approx(Z * C / math.sqrt(3))
 
