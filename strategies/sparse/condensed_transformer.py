@@ -136,7 +136,7 @@ class CondensedEncoder(nn.Module):
         )
         x = src
         for layer in self.layers:
-            x = layer.forward(x, attn)  # type: ignore[operator]
+            x = layer.forward(x, attn)
         return x if self.norm is None else self.norm(x)
 
 
