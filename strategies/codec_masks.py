@@ -48,12 +48,21 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _varint_lengths(v: np.ndarray) -> np.ndarray:
+    """LEB128 byte count of each uint64 in ``v``: 1 + #{k >= 1 : v >= 2^(7k)}."""
+    nbytes = np.ones(len(v), dtype=np.int64)
+    top = int(v.max(initial=0))
+    for k in range(1, 10):
+        if top < 1 << (7 * k):
+            break  # no value reaches this byte
+        nbytes += (v >= np.uint64(1) << np.uint64(7 * k)).astype(np.int64)
+    return nbytes
+
+
 def varints(values: np.ndarray) -> bytes:
     """Vectorised LEB128 of a 1-D array of non-negative ints."""
     v = values.astype(np.uint64)
-    nbytes = np.ones(len(v), dtype=np.int64)
-    for k in range(1, 10):
-        nbytes += (v >= np.uint64(1) << np.uint64(7 * k)).astype(np.int64)
+    nbytes = _varint_lengths(v)
     out = np.zeros(int(nbytes.sum()), dtype=np.uint8)
     starts = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
     for k in range(int(nbytes.max(initial=0))):
@@ -134,6 +143,10 @@ def _rice_sizes(gaps: np.ndarray) -> tuple[int, int]:
         bits = int((gaps >> k).sum()) + len(gaps) * (1 + k)
         if best_bits < 0 or bits < best_bits:
             best_k, best_bits = k, bits
+        else:
+            # bits(k) is convex in k: bits(k+1) - bits(k) = count - sum(ceil((g >> k) / 2))
+            # never decreases, so no later k is shorter than the first minimum.
+            break
         if k and (gaps >> k).max(initial=0) == 0:
             break  # larger k only adds remainder bits
     return best_k, best_bits
@@ -152,27 +165,35 @@ def _rice_encode(gaps: np.ndarray, k: int) -> bytes:
     return np.packbits(bits, bitorder="little").tobytes()
 
 
-def mask_encoding_sizes(m: torch.Tensor) -> dict[str, int]:
-    """Bytes each mask encoding would take for bool tensor `m` (excluding the 1-byte code)."""
-    idx = active_indices(m)
-    n, c = m.numel(), len(idx)
+def _sizes(idx: np.ndarray, n: int) -> tuple[dict[str, int], int]:
+    """(bytes per encoding, best Rice k) for a mask of ``n`` entries active at ``idx``."""
+    c = len(idx)
     deltas = np.diff(idx, prepend=0)
     gaps = np.diff(idx, prepend=-1) - 1
     k, bits = _rice_sizes(gaps)
-    return {
+    sizes = {
         "bitpack": (n + 7) // 8,
-        "delta": len(varint(c)) + len(varints(deltas)),
+        "delta": len(varint(c)) + int(_varint_lengths(deltas.astype(np.uint64)).sum()),
         "rice": len(varint(c)) + 1 + len(varint((bits + 7) // 8)) + (bits + 7) // 8,
         "all": 0 if c == n else -1,
     }
+    return sizes, k
+
+
+def mask_encoding_sizes(m: torch.Tensor) -> dict[str, int]:
+    """Bytes each mask encoding would take for bool tensor `m` (excluding the 1-byte code)."""
+    return _sizes(active_indices(m), m.numel())[0]
+
+
+def _choose(sizes: dict[str, int]) -> str:
+    if sizes["all"] == 0:
+        return "all"
+    return min(("bitpack", "delta", "rice"), key=lambda key: (sizes[key], key))
 
 
 def choose_mask_encoding(m: torch.Tensor) -> str:
     """The encoding `encode` writes for this mask: "all", "bitpack", "delta" or "rice"."""
-    sizes = mask_encoding_sizes(m)
-    if sizes.pop("all") == 0:
-        return "all"
-    return min(sizes, key=lambda key: (sizes[key], key))
+    return _choose(mask_encoding_sizes(m))
 
 
 def write_mask(m: torch.Tensor, name: str) -> tuple[bytes, np.ndarray]:
@@ -180,7 +201,8 @@ def write_mask(m: torch.Tensor, name: str) -> tuple[bytes, np.ndarray]:
     if m.dtype != torch.bool:
         raise CodecError(f"mask for {name!r} must be a bool tensor, got {m.dtype}")
     idx = active_indices(m)
-    choice = choose_mask_encoding(m)
+    sizes, k = _sizes(idx, m.numel())  # one pass: the indices and sizes serve the write too
+    choice = _choose(sizes)
     if choice == "all":
         return bytes([MASK_ALL]), idx
     if choice == "bitpack":
@@ -191,7 +213,6 @@ def write_mask(m: torch.Tensor, name: str) -> tuple[bytes, np.ndarray]:
         deltas = np.diff(idx, prepend=0)
         return bytes([MASK_DELTA]) + varint(len(idx)) + varints(deltas), idx
     gaps = np.diff(idx, prepend=-1) - 1  # g_i = idx_i - idx_{i-1} - 1 >= 0
-    k, _ = _rice_sizes(gaps)
     body = _rice_encode(gaps, k)
     return bytes([MASK_RICE]) + varint(len(idx)) + bytes([k]) + varint(len(body)) + body, idx
 
