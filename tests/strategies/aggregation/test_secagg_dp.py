@@ -118,13 +118,19 @@ def test_too_few_survivors_abort_and_are_not_accounted() -> None:
 
 
 def test_adaptive_clip_from_the_securely_summed_noised_count() -> None:
-    cfg = DP.replace(num_server_rounds=2, privacy_adaptive_clip=True, privacy_clip=2.0)
+    cfg = DP.replace(
+        num_server_rounds=2,
+        privacy_adaptive_clip=True,
+        privacy_clip=2.0,
+        privacy_target_quantile=0.1,
+    )
     _, strategy, summary = _run(cfg)
     clips = [r.metrics["dp_clip"] for r in summary.rounds]
-    # every update norm is below C = 2: the noised unclipped fraction is ~1 (count noise
-    # sigma_b = max(5 / 20, z) = 0.5 over 5 clients), so C shrinks by ~exp(-0.2 * 0.5)
+    # every update norm is below C = 2: the noised unclipped fraction is ~1 (summed count
+    # noise std 0.5 sqrt(5 / 3) over 5 sampled: ~0.13, 7 stds below 1 - 0.1), so C shrinks
+    # by ~exp(-0.2 * (1 - 0.1)) a round
     assert clips[0] < 2.0 and clips[1] < clips[0]
-    assert clips[1] == pytest.approx(2.0 * math.exp(-0.2), rel=0.25)
+    assert clips[1] == pytest.approx(2.0 * math.exp(-0.36), rel=0.25)
     assert [r.metrics["dp_epsilon"] for r in summary.rounds] == [
         epsilon(Z, 1.0, t, CFG.privacy_delta) for t in (1, 2)
     ]
