@@ -40,6 +40,8 @@ class Arm:
     rule: str
     density: float
     upload_dtype: str = "fp32"
+    condensed: bool = False  # structured rules: clients train the condensed sub-network
+    low_capacity: float = 1.0  # every second client declares this node capacity
 
 
 def arms(quick: bool) -> list[Arm]:
@@ -48,6 +50,12 @@ def arms(quick: bool) -> list[Arm]:
     out += [Arm("leanfed-sparse", "static", d) for d in densities]
     out += [Arm("leanfed-feddst", "rigl", d) for d in densities]
     out += [Arm("leanfed-feddst", "rigl", 0.1, upload_dtype="fp16")]
+    # Structured DST (whole channels; density = fraction of units kept): masked vs condensed
+    # client training, and half the clients at capacity 0.25 (issue 8).
+    for d in (0.5,) if quick else (0.5, 0.25):
+        out += [Arm("leanfed-feddst", "channel", d)]
+        out += [Arm("leanfed-feddst", "channel", d, condensed=True)]
+    out += [Arm("leanfed-feddst", "channel", 0.5, condensed=True, low_capacity=0.25)]
     return out
 
 
@@ -59,7 +67,24 @@ def arm_config(arm: Arm, base: LeanfedConfig) -> LeanfedConfig:
         dst_rule=arm.rule,
         dst_density=arm.density,
         codec_upload_dtype=arm.upload_dtype,
+        dst_condensed=arm.condensed,
     )
+
+
+def capacities(arm: Arm, clients: int) -> list[float]:
+    """Node capacities: every second client (odd partition ids) at ``arm.low_capacity``."""
+    return [arm.low_capacity if i % 2 else 1.0 for i in range(clients)]
+
+
+def client_train_s(strategy: Any, rounds: list[int]) -> float | None:
+    """Median over rounds of the median client local-training seconds ("train_s")."""
+    per_round = []
+    for r in rounds:
+        rows = getattr(strategy, "round_clients", {}).get(r, [])
+        times = [float(x["metrics"]["train_s"]) for x in rows if "train_s" in x.get("metrics", {})]
+        if times:
+            per_round.append(_median(times))
+    return _median(per_round) if per_round else None
 
 
 def base_config(
@@ -93,14 +118,22 @@ def _median(xs: list[float]) -> float:
 
 
 def row_for(
-    arm: Arm, cfg: LeanfedConfig, summary: RunSummary, grid: InProcessGrid
+    arm: Arm,
+    cfg: LeanfedConfig,
+    summary: RunSummary,
+    grid: InProcessGrid,
+    train_s: float | None = None,
 ) -> dict[str, Any]:
     walls = [r.wall_s for r in summary.rounds]
     return {
+        "task": cfg.model,
         "strategy": arm.strategy,
         "rule": arm.rule,
         "density": arm.density,
         "upload_dtype": arm.upload_dtype,
+        "condensed": arm.condensed,
+        "low_capacity": arm.low_capacity,  # every second client's node capacity
+        "client_train_s": train_s,
         "rounds": len(summary.rounds),
         "final_accuracy": summary.final_accuracy,
         "initial_accuracy": summary.initial_accuracy,
@@ -151,12 +184,41 @@ def accuracy_at_budget(row: dict[str, Any], budget: int) -> float:
     return float(acc)
 
 
-def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets at density 0.1, measured (fp32 upload row and fp16 row)."""
-    dense = next(r for r in rows if r["strategy"] == "flower-fedavg")
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def structured_targets(rows: list[dict[str, Any]], dense: dict[str, Any]) -> dict[str, Any]:
+    """Issue 8: condensed channel rows vs dense FedAvg; mixed capacity vs all-full."""
     out: dict[str, Any] = {}
+    full = {r["density"]: r for r in rows if r["condensed"] and r["low_capacity"] == 1.0}
     for r in rows:
-        if r["strategy"] != "leanfed-feddst" or r["density"] != 0.1:
+        if r["rule"] != "channel":
+            continue
+        kind = "condensed" if r["condensed"] else "masked"
+        key = f"channel-{r['density']:g}-{kind}" + (
+            f"-mixed{r['low_capacity']:g}" if r["low_capacity"] < 1.0 else ""
+        )
+        out[key] = {
+            "accuracy_gap_points": 100 * (r["final_accuracy"] - dense["final_accuracy"]),
+            "client_train_ratio": _ratio(r["client_train_s"], dense["client_train_s"]),
+            "median_round_wall_ratio": r["median_round_wall_s"] / dense["median_round_wall_s"],
+            "upload_ratio": r["upload_bytes"] / dense["upload_bytes"],
+            "download_ratio": r["download_bytes"] / dense["download_bytes"],
+        }
+        if r["low_capacity"] < 1.0 and r["density"] in full:
+            gap = r["final_accuracy"] - full[r["density"]]["final_accuracy"]
+            out[key]["gap_vs_full_capacity_points"] = 100 * gap
+    return out
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets at density 0.1, measured (fp32 upload row and fp16 row), and the
+    structured rows' (``structured_targets``)."""
+    dense = next(r for r in rows if r["strategy"] == "flower-fedavg")
+    out: dict[str, Any] = structured_targets(rows, dense)
+    for r in rows:
+        if r["rule"] != "rigl" or r["density"] != 0.1:
             continue
         key = f"feddst-0.1-{r['upload_dtype']}"
         out[key] = {
@@ -177,6 +239,8 @@ def _accuracy_plot(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r, x in zip(rows, xs, strict=True):
         label = f"{r['strategy']} {r['rule']} d={r['density']} {r['upload_dtype']}"
+        label += " condensed" if r["condensed"] else ""
+        label += f" cap{r['low_capacity']:g}" if r["low_capacity"] < 1.0 else ""
         ax.plot(x, r["accuracy_per_round"], marker="." if log_x else None, label=label)
     if log_x:
         ax.set_xscale("log")
@@ -223,10 +287,22 @@ def run_bench(
         task = bar.add_task("federated bench", total=len(todo) * n_rounds)
         for arm in todo:
             cfg = arm_config(arm, base)
-            grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
+            grid = InProcessGrid(
+                client_app,
+                cfg.num_partitions,
+                run_config=cfg.to_run_config(),
+                capacities=capacities(arm, cfg.num_partitions),
+            )
             bar.update(task, description=f"{arm.strategy} {arm.rule} d={arm.density}")
-            summary = run_federated(grid, cfg, on_round=lambda *_: bar.advance(task))
-            rows.append(row_for(arm, cfg, summary, grid))
+            seen: dict[str, Any] = {}
+
+            def on_round(rec: Any, strategy: Any, arrays: Any, seen: dict[str, Any] = seen) -> None:
+                seen["strategy"] = strategy
+                bar.advance(task)
+
+            summary = run_federated(grid, cfg, on_round=on_round)
+            train_s = client_train_s(seen.get("strategy"), [r.round for r in summary.rounds])
+            rows.append(row_for(arm, cfg, summary, grid, train_s))
     result = {
         "command": "leanfed bench federated",
         "wall_s": time.perf_counter() - t0,
@@ -260,4 +336,7 @@ def register(bench_app: typer.Typer) -> None:
                 f"  acc={r['final_accuracy']:.4f}  up={r['upload_bytes'] / 1e6:.2f}MB"
                 f"  down={r['download_bytes'] / 1e6:.2f}MB"
                 f"  med_round={r['median_round_wall_s']:.2f}s"
+                f"  client_train={r['client_train_s'] or 0:.3f}s"
+                + (" condensed" if r["condensed"] else "")
+                + (f" cap{r['low_capacity']:g}" if r["low_capacity"] < 1.0 else "")
             )
