@@ -40,12 +40,18 @@ class CondensedAttention(nn.Module):
         self.dropout = float(mha.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3 h' d_h]
+        b, t, e = x.shape
+        return self.attend(x.reshape(b * t, e), b, t, attn_mask).view(b, t, e)
+
+    def attend(
+        self, x: torch.Tensor, b: int, t: int, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[B*T, E] tokens of B sequences of length T -> [B*T, E] (2-D: plain addmm calls)."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B*T, 3 h' d_h]
         q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        o = o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)  # [B, T, h' d_h]
+        o = o.transpose(1, 2).reshape(b * t, self.heads * self.head_dim)  # [B*T, h' d_h]
         # F.linear, not self.out_proj(...): a module call costs as much as the small matmul.
         return F.linear(o, self.out_proj.weight, self.out_proj.bias)
 
@@ -63,12 +69,15 @@ class CondensedEncoderLayer(nn.Module):
         act = layer.activation
         self.activation: Callable[[torch.Tensor], torch.Tensor] = act
 
-    def _infer_pre_norm(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        # Eval, pre-norm: the same maths as functional calls (no dropout, no module calls);
-        # at batch 1 the per-call overhead of ~10 small modules is most of a layer's time.
+    def infer_pre_norm(
+        self, x: torch.Tensor, b: int, t: int, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Eval, pre-norm, on [B*T, E]: the same maths as functional calls (no dropout, no
+        module calls); at batch 1 the per-call overhead of ~10 small modules and 3-D matmul
+        handling is most of a layer's time."""
         n1, n2 = self.norm1, self.norm2
         z = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
-        x = x + self.self_attn.forward(z, attn_mask)  # .forward: no hook machinery, as above
+        x = x + self.self_attn.attend(z, b, t, attn_mask)
         z = F.layer_norm(x, n2.normalized_shape, n2.weight, n2.bias, n2.eps)
         h = self.activation(F.linear(z, self.linear1.weight, self.linear1.bias))
         return x + F.linear(h, self.linear2.weight, self.linear2.bias)
@@ -81,7 +90,8 @@ class CondensedEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training and self.norm_first:
-            return self._infer_pre_norm(x, attn_mask)
+            b, t, e = x.shape
+            return self.infer_pre_norm(x.reshape(b * t, e), b, t, attn_mask).view(b, t, e)
         if self.norm_first:  # pre-norm (Xiong et al. 2020)
             x = x + self._sa(self.norm1(x), attn_mask)
             return x + self._ff(self.norm2(x))
@@ -135,8 +145,15 @@ class CondensedEncoder(nn.Module):
             mask, src_key_padding_mask, src
         )
         x = src
-        for layer in self.layers:
-            x = layer.forward(x, attn)
+        if not self.training and all(lay.norm_first for lay in self.layers):
+            b, t, e = src.shape  # eval fast path: tokens stay [B*T, E] through every layer
+            x = src.reshape(b * t, e)
+            for layer in self.layers:
+                x = layer.infer_pre_norm(x, b, t, attn)  # type: ignore[operator]
+            x = x.view(b, t, e)
+        else:
+            for layer in self.layers:
+                x = layer(x, attn)
         return x if self.norm is None else self.norm(x)
 
 
