@@ -141,8 +141,10 @@ class CondensedEncoder(nn.Module):
         if is_causal and mask is None:
             t = src.shape[1]
             mask = torch.ones(t, t, dtype=torch.bool, device=src.device).triu(1)
-        attn = None if mask is None and src_key_padding_mask is None else _additive(
-            mask, src_key_padding_mask, src
+        attn = (
+            None
+            if mask is None and src_key_padding_mask is None
+            else _additive(mask, src_key_padding_mask, src)
         )
         x = src
         if not self.training and all(lay.norm_first for lay in self.layers):

@@ -173,3 +173,26 @@ def test_channel_rule_keeps_attention_heads_whole_and_condense_removes_dead_head
     small.train()
     F.cross_entropy(small(x), torch.arange(3)).backward()
     assert attn.in_proj_weight.grad is not None and bool(attn.in_proj_weight.grad.any())
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_condensed_encoder_matches_torch_with_masks(norm_first: bool) -> None:
+    from strategies.sparse.condensed_transformer import CondensedEncoder
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True, norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+    enc.eval()
+    small = CondensedEncoder(enc).eval()
+    x = torch.randn(3, 5, 8)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:] = True  # sequence 0 has 3 real tokens
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        for kw in ({}, {"src_key_padding_mask": pad}, {"mask": causal}):
+            ref = enc(x, **kw)
+            out = small(x, **kw)
+            keep = ~pad if "src_key_padding_mask" in kw else torch.ones(3, 5, dtype=torch.bool)
+            assert torch.allclose(out[keep], ref[keep], atol=1e-5), kw
+        small.train()  # training path (module calls, dropout p=0) computes the same
+        assert torch.allclose(small(x), enc(x), atol=1e-5)
