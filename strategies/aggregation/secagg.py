@@ -12,56 +12,39 @@ unmasking the shares needed to remove the masks of the sum.
 
 A round aborts, keeping the previous global model, when fewer nodes than a share
 threshold survive a stage; the reason goes to ``self.aborts``, to every client row of
-the round and to the round metric ``secagg_aborted``. Wire layout: `secagg_wire`.
+the round and to the round metric ``secagg_aborted``. Wire layout: `secagg_wire`; the
+round transcript and the checks of the key-stage replies: `secagg_round`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from strategies.aggregation import secagg_wire as W
 from strategies.aggregation.merge import consensus_from_votes
+from strategies.aggregation.secagg_round import (
+    Round,
+    RoundAborted,
+    SumPlan,
+    collect_shares,
+    exchange,
+    read_keys,
+    read_shares,
+)
 from strategies.aggregation.strategy import SparseFedAvg
-from strategies.privacy.distributed import DPSumPlan
 from strategies.secure import protocol as P
-from strategies.secure import shamir
-from strategies.secure.crypto import KEY_BYTES, NONCE_BYTES, TAG_BYTES, SecAggError
+from strategies.secure.crypto import SecAggError
 from strategies.secure.sparse_sum import SecureSum, SparseSumPlan
 
-# nonce + (header: src, dst, round = 24 B) + two shares + Poly1305 tag
-CIPHERTEXT_BYTES = NONCE_BYTES + 24 + 2 * shamir.SHARE_BYTES + TAG_BYTES
-SumPlan = SparseSumPlan | DPSumPlan  # what the round sums: weighted updates or DP-noised ones
-
-
-class RoundAborted(Exception):
-    """The secure round cannot complete; the message says why."""
-
-
-@dataclass
-class _Round:
-    """The public transcript of one secure round, as the server holds it."""
-
-    round: int
-    c_pks: dict[int, bytes] = field(default_factory=dict)
-    s_pks: dict[int, bytes] = field(default_factory=dict)
-    groups: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    thresholds: dict[int, int] = field(default_factory=dict)
-    u1: set[int] = field(default_factory=set)
-    plan: SumPlan | None = None
-    stage_bytes: dict[int, int] = field(default_factory=dict)  # node -> download bytes
-    upload: dict[int, int] = field(default_factory=dict)  # node -> upload bytes
-    failed: dict[int, str] = field(default_factory=dict)  # node -> why it left the round
-    aborted: str | None = None  # why the round was abandoned
+__all__ = ["RoundAborted", "SecAggSparseFedAvg"]
 
 
 class SecAggSparseFedAvg(SparseFedAvg):
@@ -87,7 +70,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
         self.aborts: list[dict[str, int | str]] = []
         self.last_secure_sum: SecureSum | None = None
         self._grid: Grid | None = None
-        self._round: _Round | None = None
+        self._round: Round | None = None
         self._inbox: dict[int, dict[int, bytes]] = {}  # dst -> src -> ciphertext, this round
 
     def summary(self) -> None:
@@ -104,47 +87,17 @@ class SecAggSparseFedAvg(SparseFedAvg):
 
     # ------------------------------------------------------------------ stages
     def _exchange(
-        self, grid: Grid, rs: _Round, action: str, records: dict[int, ConfigRecord]
+        self, grid: Grid, rs: Round, action: str, records: dict[int, ConfigRecord]
     ) -> dict[int, ConfigRecord]:
         """Send one stage record per node; return the well-formed replies by node."""
-        messages = []
-        for node, rec in records.items():
-            rs.stage_bytes[node] = rs.stage_bytes.get(node, 0) + W.record_bytes(rec)
-            content = RecordDict({W.RECORD: rec})
-            messages.append(Message(content, node, f"query.{action}", group_id=str(rs.round)))
-        out: dict[int, ConfigRecord] = {}
-        for reply in grid.send_and_receive(messages, timeout=self.stage_timeout):
-            node = int(reply.metadata.src_node_id)
-            if node not in records or node in out:
-                continue
-            if reply.has_error():
-                rs.failed[node] = f"{action}: error reply ({reply.error.code})"
-                continue
-            got = W.stage_record(reply.content)
-            if got is None:
-                rs.failed[node] = f"{action}: no secagg record"
-                continue
-            rs.upload[node] = rs.upload.get(node, 0) + W.record_bytes(got)
-            out[node] = got
-        for node in records:
-            if node not in out:
-                rs.failed.setdefault(node, f"{action}: no reply")
-        return out
+        return exchange(grid, rs, action, records, self.stage_timeout)
 
-    def _advertise_and_share(self, grid: Grid, rs: _Round, nodes: list[int]) -> None:
+    def _advertise_and_share(self, grid: Grid, rs: Round, nodes: list[int]) -> None:
         """Stages 0 and 1: collect public keys, build the graph, collect encrypted shares."""
         replies = self._exchange(
             grid, rs, W.ADVERTISE, {n: ConfigRecord({"round": rs.round}) for n in nodes}
         )
-        for node, rec in replies.items():
-            try:
-                c_pk, s_pk = W.get_bytes(rec, "c-pk"), W.get_bytes(rec, "s-pk")
-                if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
-                    raise ValueError("public keys must be 32 bytes")
-            except ValueError as exc:
-                rs.failed[node] = f"advertise: {exc}"
-                continue
-            rs.c_pks[node], rs.s_pks[node] = c_pk, s_pk
+        read_keys(rs, replies)
         u0 = sorted(rs.c_pks)
         if len(u0) < 2:
             raise RoundAborted(f"{len(u0)} node(s) advertised keys; at least 2 needed")
@@ -165,26 +118,14 @@ class SecAggSparseFedAvg(SparseFedAvg):
             for node in u0
         }
         self._inbox = {node: {} for node in u0}
-        for node, rec in self._exchange(grid, rs, W.SHARE, records).items():
-            neighbours = [j for j in rs.groups[node] if j != node]
-            try:
-                dst = P.ids_from_bytes(W.get_bytes(rec, "dst"), len(neighbours))
-                cts = W.get_bytes_list(rec, "ct", len(neighbours), CIPHERTEXT_BYTES)
-                if sorted(dst) != neighbours:
-                    raise ValueError("shares are not addressed to exactly the neighbours")
-            except (ValueError, SecAggError) as exc:
-                rs.failed[node] = f"share: {exc}"
-                continue
-            rs.u1.add(node)
-            for j, ct in zip(dst, cts, strict=True):
-                self._inbox[j][node] = ct
+        read_shares(rs, self._exchange(grid, rs, W.SHARE, records), self._inbox)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """SparseFedAvg's train messages, preceded by key advertisement and key sharing."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        rs = _Round(round=server_round)
+        rs = Round(round=server_round)
         self._grid, self._round = grid, rs
         if not messages:
             return []
@@ -224,7 +165,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
             out.append(msg)
         return out
 
-    def _plan(self, rs: _Round, floats: dict[str, tuple[int, ...]], sampled: int) -> SumPlan:
+    def _plan(self, rs: Round, floats: dict[str, tuple[int, ...]], sampled: int) -> SumPlan:
         """The round's public sum plan (a subclass may sum something else, e.g. noised updates)."""
         assert self.mask is not None
         return SparseSumPlan(
@@ -237,7 +178,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
             num_clients=len(rs.u1),
         )
 
-    def _plan_fields(self, rs: _Round, sampled: int) -> dict[str, int | float]:
+    def _plan_fields(self, rs: Round, sampled: int) -> dict[str, int | float]:
         """Extra public plan entries of the train record (none here)."""
         return {}
 
@@ -312,7 +253,7 @@ class SecAggSparseFedAvg(SparseFedAvg):
         self.last_train_metrics = metrics
         return ArrayRecord({k: new_state[k] for k in self._global}), metrics
 
-    def _unmask(self, rs: _Round, masked: dict[int, np.ndarray]) -> np.ndarray:
+    def _unmask(self, rs: Round, masked: dict[int, np.ndarray]) -> np.ndarray:
         """Stage 3: check thresholds, collect shares from survivors, remove the masks."""
         dropped = sorted(rs.u1 - set(masked))
         for node in list(masked) + dropped:  # every secret the sum needs
@@ -332,19 +273,8 @@ class SecAggSparseFedAvg(SparseFedAvg):
             )
             for node in masked
         }
-        shares: dict[int, dict[int, list[bytes]]] = {P.B_SHARE: {}, P.SK_SHARE: {}}
-        for node, rec in self._exchange(self._grid_or_fail(), rs, W.UNMASK, records).items():
-            with contextlib.suppress(ValueError, SecAggError):
-                srcs = P.ids_from_bytes(W.get_bytes(rec, "src"), len(rs.groups[node]))
-                kinds = W.get_bytes(rec, "kind")
-                got = W.get_bytes_list(rec, "shares", len(srcs), shamir.SHARE_BYTES)
-                if len(kinds) != len(srcs):
-                    continue
-                for src, kind, share in zip(srcs, kinds, got, strict=True):
-                    # only shares a node can hold, of the kind the server asked for
-                    expect = P.B_SHARE if src in masked else P.SK_SHARE
-                    if src in rs.groups and node in rs.groups[src] and kind == expect:
-                        shares[kind].setdefault(src, []).append(share)
+        replies = self._exchange(self._grid_or_fail(), rs, W.UNMASK, records)
+        shares = collect_shares(rs, replies, set(masked))
         return P.unmask_sum(rs.round, masked, rs.groups, rs.thresholds, rs.s_pks, rs.u1, shares)
 
     def _grid_or_fail(self) -> Grid:
@@ -352,13 +282,13 @@ class SecAggSparseFedAvg(SparseFedAvg):
             raise RuntimeError("aggregate_train called before configure_train")
         return self._grid
 
-    def _abort(self, rs: _Round, reason: str) -> None:
+    def _abort(self, rs: Round, reason: str) -> None:
         self.aborts.append({"round": rs.round, "reason": reason})
         rs.aborted = reason
         log(WARNING, "secure aggregation round %d aborted: %s", rs.round, reason)
 
     def _finish(
-        self, server_round: int, replies: list[Message], rs: _Round, accepted: set[int]
+        self, server_round: int, replies: list[Message], rs: Round, accepted: set[int]
     ) -> MetricRecord:
         """Bytes, per-client rows and round metrics; the same bookkeeping as SparseFedAvg."""
         sent = dict(self._sent["train"])

@@ -23,7 +23,8 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from strategies.aggregation.secagg import RoundAborted, SecAggSparseFedAvg, SumPlan, _Round
+from strategies.aggregation.secagg import SecAggSparseFedAvg
+from strategies.aggregation.secagg_round import Round, RoundAborted, SumPlan
 from strategies.privacy.accountant import adaptive_value_noise, epsilon
 from strategies.privacy.client_dp import AdaptiveClip
 from strategies.privacy.distributed import DPSumPlan, client_noise_std, min_survivors
@@ -61,7 +62,7 @@ class SecAggDPSparseFedAvg(SecAggSparseFedAvg):
 
     # -- the plan each client follows ---------------------------------------------------------
 
-    def _plan(self, rs: _Round, floats: dict[str, tuple[int, ...]], sampled: int) -> SumPlan:
+    def _plan(self, rs: Round, floats: dict[str, tuple[int, ...]], sampled: int) -> SumPlan:
         assert self.mask is not None
         fields = self._plan_fields(rs, sampled)
         n_min, count_noise = int(fields["dp-min-survivors"]), float(fields["dp-count-noise"])
@@ -81,7 +82,7 @@ class SecAggDPSparseFedAvg(SecAggSparseFedAvg):
             sampled=sampled,
         )
 
-    def _plan_fields(self, rs: _Round, sampled: int) -> dict[str, int | float]:
+    def _plan_fields(self, rs: Round, sampled: int) -> dict[str, int | float]:
         return {
             "dp-clip": float(self.dp_clip),
             "dp-min-survivors": min_survivors(len(rs.u1), self.threshold),
@@ -91,7 +92,7 @@ class SecAggDPSparseFedAvg(SecAggSparseFedAvg):
             ),
         }
 
-    def _unmask(self, rs: _Round, masked: dict[int, np.ndarray]) -> np.ndarray:
+    def _unmask(self, rs: Round, masked: dict[int, np.ndarray]) -> np.ndarray:
         n_min = min_survivors(len(rs.u1), self.threshold)
         if len(masked) < n_min:  # the noise depends on it (SecAgg+ graphs allow fewer)
             raise RoundAborted(
