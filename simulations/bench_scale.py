@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -104,16 +104,25 @@ def _stop_tree(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_one(cell: Cell, seed: int, rounds: int, timeout: float) -> dict[str, Any]:
+def run_one(
+    cell: Cell,
+    seed: int,
+    rounds: int,
+    timeout: float,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one cell in a fresh process; ``on_progress`` gets its lines (rounds) as they come."""
     labels = {"strategy": cell.strategy}
-    spec = {
-        "engine": cell.engine,
-        "workers": cell.workers,
-        "config": cell_config(cell, seed, rounds).to_run_config(),
-        "labels": labels,
-    }
     with tempfile.TemporaryDirectory(prefix="leanfed-scale-cell-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        progress = Path(tmp) / "progress.txt"
+        spec = {
+            "engine": cell.engine,
+            "workers": cell.workers,
+            "config": cell_config(cell, seed, rounds).to_run_config(),
+            "labels": labels,
+            "progress": str(progress),
+        }
         spec_path.write_text(json.dumps(spec))
         with open(Path(tmp) / "log.txt", "wb") as log:
             proc = subprocess.Popen(
@@ -121,11 +130,22 @@ def run_one(cell: Cell, seed: int, rounds: int, timeout: float) -> dict[str, Any
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _stop_tree(proc)
-                return missing(cell, f"did not finish {rounds} rounds within {timeout:.0f} s")
+            deadline, shown = time.monotonic() + timeout, 0
+            rc: int | None = None
+            while rc is None:
+                try:
+                    rc = proc.wait(timeout=max(0.01, min(2.0, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        _stop_tree(proc)
+                        return missing(
+                            cell, f"did not finish {rounds} rounds within {timeout:.0f} s"
+                        )
+                if progress.exists() and on_progress is not None:
+                    lines = progress.read_text().splitlines()
+                    for line in lines[shown:]:
+                        on_progress(line)
+                    shown = len(lines)
         if rc != 0 or not out_path.exists():
             tail = (Path(tmp) / "log.txt").read_text(errors="replace").strip().splitlines()[-1:]
             return missing(cell, f"exit code {rc}: {' '.join(tail)[:300]}")
@@ -270,6 +290,7 @@ def run_bench(
     clients: list[int] | None = None,
     fractions: list[float] | None = None,
     max_messages: int | None = None,
+    seconds_per_message: float = 0.05,
 ) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if workers is None else workers
@@ -291,12 +312,15 @@ def run_bench(
         if max_messages is not None and n_msg > max_messages:
             rows.append(missing(cell, f"not run: {n_msg:,} messages per round > --max-messages"))
             continue
-        timeout = cell_timeout if left is None else min(cell_timeout, left)
+        # Larger cells get more time: start-up plus seconds_per_message per client message.
+        limit = max(cell_timeout, 300.0 + rounds * n_msg * seconds_per_message)
+        timeout = limit if left is None else min(limit, left)
         console.print(
             f"[{i}/{len(cells)}] {cell.strategy} on {cell.engine} (w={cell.workers}), "
-            f"{cell.clients} clients x {cell.fraction}"
+            f"{cell.clients} clients x {cell.fraction} ({n_msg:,} messages/round, "
+            f"limit {timeout:.0f} s, {time.perf_counter() - t0:.0f} s into the bench)"
         )
-        row = run_one(cell, seed, rounds, timeout)
+        row = run_one(cell, seed, rounds, timeout, lambda line: console.print(f"  {line}"))
         rows.append(row)
         if "missing" in row:
             console.print(f"  missing: {row['missing']}")
@@ -337,8 +361,15 @@ def register(bench_app: typer.Typer) -> None:
             int | None, typer.Option("--workers", help="processes / Ray CPUs (default: cores)")
         ] = None,
         cell_timeout: Annotated[
-            float, typer.Option("--cell-timeout", help="seconds per cell")
+            float, typer.Option("--cell-timeout", help="least seconds per cell")
         ] = 600.0,
+        per_message: Annotated[
+            float,
+            typer.Option(
+                "--seconds-per-message",
+                help="a cell's limit: max(--cell-timeout, 300 + rounds x messages x this)",
+            ),
+        ] = 0.05,
         budget: Annotated[
             float | None, typer.Option("--budget", help="seconds for the whole bench")
         ] = None,
@@ -360,6 +391,8 @@ def register(bench_app: typer.Typer) -> None:
         except ValueError as exc:
             console.print(f"[red]error:[/red] --clients/--fractions: {exc}")
             raise typer.Exit(1) from exc
-        rows = run_bench(out, seed, quick, workers, cell_timeout, budget, n, f, max_messages)
+        rows = run_bench(
+            out, seed, quick, workers, cell_timeout, budget, n, f, max_messages, per_message
+        )
         done = sum("missing" not in r for r in rows)
         console.print(f"{done}/{len(rows)} cells measured; {out / 'results.json'}")

@@ -83,9 +83,17 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     ends: list[float] = []
     records: list[RoundRecord] = []
 
+    progress = Path(spec["progress"]) if spec.get("progress") else None
+
+    def say(line: str) -> None:
+        if progress is not None:  # the bench tails this file while the cell runs
+            with progress.open("a") as f:
+                f.write(line + "\n")
+
     def on_round(rec: RoundRecord) -> None:
         ends.append(time.perf_counter())
         records.append(rec)
+        say(f"round {rec.round}/{cfg.num_server_rounds}: {rec.wall_s:.2f} s")
 
     proc = psutil.Process()
     extra: dict[str, Any] = {}
@@ -106,6 +114,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                 "client.app:app", cfg.num_partitions, cfg.to_run_config(), workers=workers
             ) as grid:
                 grid.start()
+                say(f"{workers} worker(s) started in {time.perf_counter() - t0:.1f} s")
                 _, summary = run_recorded(grid, cfg, store, on_round=on_round)
                 held = [len(grid.state_bytes(n)) for n in grid.node_ids]
                 extra["state_bytes_per_client"] = statistics.fmean(held)

@@ -63,6 +63,14 @@ def test_a_cell_past_its_time_limit_is_recorded_as_missing() -> None:
     assert (row["engine"], row["clients"], row["workers"]) == ("inprocess", 4, 1)
 
 
+def test_a_cell_reports_its_worker_start_and_every_round_as_it_ends() -> None:
+    lines: list[str] = []
+    row = run_one(Cell("inprocess", "leanfed", 4, 1.0, 1), 0, 2, 300.0, lines.append)
+    assert "missing" not in row and len(row["round_s"]) == 2
+    assert "1 worker(s) started in" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:]] == ["round 1/2", "round 2/2"]
+
+
 @pytest.mark.slow
 def test_quick_bench_writes_every_row_and_the_plot(tmp_path: Path) -> None:
     rows = run_bench(tmp_path, seed=0, quick=True, workers=2)
