@@ -157,7 +157,7 @@ def _train_round(
         gen = torch.Generator().manual_seed(seed)
         mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))  # type: ignore[arg-type]
         started = time.perf_counter()  # local training only (not data loading or decoding)
-        out = local_round(model, x, y, cfg, server_round, mask, gen, mu, readjust=not condensed)
+        out = local_round(model, x, y, cfg, server_round, mask, gen, mu, condensed=condensed)
         if cfg.privacy_mode == "record":  # this site's epsilon over all its DP-SGD steps
             out.extra["dp_epsilon"] = account_site(context.state, cfg, out.steps, len(x))
     out.extra["train_s"] = time.perf_counter() - started

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, RecordDict
 from strategies import codec
 from strategies.codec_units import decode_units
 from strategies.sparse.masks import Mask
-from strategies.sparse.subnet import shrink_module, slice_plan
+from strategies.sparse.subnet import shrink_module, slice_plan, wire_masked_keys
 from strategies.sparse.units import unit_groups
 from tasks.config import ConfigError, LeanfedConfig
 from tasks.structure import layer_kinds
@@ -60,9 +60,9 @@ def receive_condensed(
     kinds = layer_kinds(model, cfg)
     groups = unit_groups(model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    keep = decode_units(raw, {g.producer: int(shapes[g.producer][0]) for g in groups})
+    keep = decode_units(raw, {g.producer: g.units(int(shapes[g.producer][0])) for g in groups})
     shrink_module(model, slice_plan(groups, shapes, keep))
-    on_wire = [k for k, kind in kinds.items() if kind != "channel"]
+    on_wire = wire_masked_keys(kinds, groups)
     expected = codec.expected_spec(model.state_dict(), dict.fromkeys(on_wire))
     arrays: ArrayRecord = content.array_records["arrays"]
     payload = codec.from_arrayrecord(arrays, codec.max_payload_bytes(expected))

@@ -47,7 +47,11 @@ def readjust_fraction(cfg: LeanfedConfig, server_round: int) -> float | None:
 
 
 def round_controller(
-    model: nn.Module, cfg: LeanfedConfig, mask: Mask | None, generator: torch.Generator
+    model: nn.Module,
+    cfg: LeanfedConfig,
+    mask: Mask | None,
+    generator: torch.Generator,
+    condensed: bool = False,
 ) -> tuple[torch.optim.Optimizer, DSTController]:
     """A fresh local optimizer and a controller holding ``mask`` fixed for the round.
 
@@ -58,7 +62,7 @@ def round_controller(
         model, cfg.local_optimizer, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay
     )
     rule = "dense" if mask is None else "static"
-    if mask is not None and cfg.dst_rule in STRUCTURED_RULES:
+    if mask is not None and cfg.dst_rule in STRUCTURED_RULES and not condensed:
         # The structured rule's drop/grow on readjustment; end_fraction 0 keeps the mask
         # fixed between them, as "static" does.
         rule = cfg.dst_rule
@@ -69,8 +73,17 @@ def round_controller(
         end_fraction=0.0,
         exclude=parse_patterns(cfg.dst_exclude),  # the server's selection, so keys agree
     )
+    # A condensed sub-network (client.condensed) holds exactly the masked keys it was sent;
+    # its explicit-op encoder layers are not in the kernel selection, so select by name.
+    keys = set(mask) if condensed and mask is not None else None
     controller = DSTController(
-        model, optimizer, dst, total_steps=cfg.local_steps, mask=mask, generator=generator
+        model,
+        optimizer,
+        dst,
+        total_steps=cfg.local_steps,
+        mask=mask,
+        generator=generator,
+        predicate=None if keys is None else (lambda name, _t: name in keys),
     )
     return optimizer, controller
 
@@ -84,7 +97,7 @@ def local_round(
     mask: Mask | None,
     generator: torch.Generator,
     proximal_mu: float = 0.0,
-    readjust: bool = True,
+    condensed: bool = False,
 ) -> RoundOutcome:
     """Train ``local.steps`` steps; on readjustment rounds prune+regrow halfway through.
 
@@ -94,9 +107,9 @@ def local_round(
     Readjusting at the midpoint (not at the end) lets the regrown weights train before
     upload instead of being sent as zeros.
     """
-    optimizer, controller = round_controller(model, cfg, mask, generator)
+    optimizer, controller = round_controller(model, cfg, mask, generator, condensed)
     # A condensed sub-network (client.condensed) cannot grow units it does not hold.
-    fraction = readjust_fraction(cfg, server_round) if readjust else None
+    fraction = None if condensed else readjust_fraction(cfg, server_round)
     first = cfg.local_steps if fraction is None else max(1, cfg.local_steps // 2)
     params = model.named_parameters()
     anchor = {k: v.detach().clone() for k, v in params} if proximal_mu else None

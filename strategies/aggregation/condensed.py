@@ -46,8 +46,9 @@ from strategies.sparse.subnet import (
     coverage,
     expand_state,
     slice_plan,
+    wire_masked_keys,
 )
-from strategies.sparse.units import UnitGroup, dead_units
+from strategies.sparse.units import UnitGroup, dead_rows
 
 __all__ = ["CONDENSED_KEY", "UNITS_KEY", "CondensedSparseFedAvg", "NodeSubnet", "node_subnet"]
 
@@ -78,7 +79,8 @@ def node_subnet(
     keep = choose_units(groups, mask, state, capacity)
     plan = slice_plan(groups, shapes, keep)
     small = condense_mask(mask, plan)
-    on_wire = {k: m for k, m in small.items() if structure.get(k) != "channel"}
+    wired = set(wire_masked_keys({k: structure.get(k, "none") for k in mask}, groups))
+    on_wire = {k: m for k, m in small.items() if k in wired}
     for k, m in small.items():
         if k not in on_wire and not bool(m.all()):
             raise ValueError(f"{k!r}: channel layer has a partially active kept unit")
@@ -161,7 +163,7 @@ class CondensedSparseFedAvg(SparseFedAvg):
             return arrays, metrics
         state = dict(arrays.to_torch_state_dict())
         for g in self.unit_groups:
-            dead = dead_units(self.mask, g)
+            dead = dead_rows(self.mask, g)
             if dead.numel() and bool(dead.any()):
                 for name in g.shift:
                     state[name] = state[name].masked_fill(dead, 0)

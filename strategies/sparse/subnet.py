@@ -1,7 +1,8 @@
 """Sub-networks of a channel-structured model: which units a client trains, slice and scatter.
 
 A sub-network is, per declared unit group (``units.UnitGroup``), the sorted indices of the
-output units kept. Slicing a full state dict by it gives the condensed model's tensors
+output units kept (a unit: a channel, a neuron, or an attention head's rows). Slicing a
+full state dict by it gives the condensed model's tensors
 (producer rows, per-unit shift/scale entries, consumer input columns), exactly the slicing
 ``condense`` does on a module; ``expand_state`` scatters condensed tensors back. Server and
 client both derive the slicing from the same indices, so only the indices travel.
@@ -22,11 +23,13 @@ import torch
 from torch import nn
 
 from strategies.sparse.condense import _set, _sync_sizes, _tensors  # one module surgery
+from strategies.sparse.condensed_transformer import swap_encoders
 from strategies.sparse.masks import Mask
-from strategies.sparse.units import UnitGroup, consumer_columns
+from strategies.sparse.units import UnitGroup, consumer_columns, dead_units, unit_row_index
 
 __all__ = [
     "Plan",
+    "wire_masked_keys",
     "choose_units",
     "condense_state",
     "condense_mask",
@@ -55,10 +58,12 @@ def choose_units(
     out: dict[str, torch.Tensor] = {}
     for g in groups:
         w = state[g.producer].detach()
-        units = w.shape[0]
-        m = mask.get(g.producer)
+        rows = w.shape[0]
+        index = unit_row_index(g, rows)  # [units, rows of a unit] (a head: its q/k/v rows)
         alive = (
-            torch.ones(units, dtype=torch.bool) if m is None else m.reshape(units, -1).any(1).cpu()
+            torch.ones(index.shape[0], dtype=torch.bool)
+            if g.producer not in mask
+            else ~dead_units(mask, g).cpu()
         )
         idx = alive.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -66,11 +71,20 @@ def choose_units(
             continue
         n = max(1, math.ceil(capacity * idx.numel() - 1e-9))
         if n < idx.numel():
-            score = w.reshape(units, -1).double().norm(dim=1)[idx].cpu()
+            row_sq = w.reshape(rows, -1).double().pow(2).sum(1).cpu()  # [rows]
+            score = row_sq[index].sum(1).sqrt()[idx]  # L2 norm of each alive unit's rows
             top = torch.argsort(score, descending=True, stable=True)[:n]
             idx = idx[top].sort().values
         out[g.producer] = idx.to(torch.long)
     return out
+
+
+def wire_masked_keys(kinds: Mapping[str, str], groups: Sequence[UnitGroup]) -> list[str]:
+    """Masked keys whose condensed mask travels with a sub-network: all but the channel
+    producers of one-row units (a kept channel is a whole active row: its mask is all
+    ones). Multi-row units (attention heads) keep their masks on the wire."""
+    plain = {g.producer for g in groups if (g.rows_per_unit, g.blocks) == (1, 1)}
+    return [k for k, kind in kinds.items() if not (kind == "channel" and k in plain)]
 
 
 def slice_plan(
@@ -78,15 +92,20 @@ def slice_plan(
     shapes: Mapping[str, torch.Size | tuple[int, ...]],
     keep: Mapping[str, torch.Tensor],
 ) -> Plan:
-    """Kept rows/columns per tensor name for the units ``keep`` (see module docstring)."""
+    """Kept rows/columns per tensor name for the units ``keep`` (see module docstring); a
+    unit of several rows (an attention head's q/k/v rows) keeps all of them."""
     rows: dict[str, torch.Tensor] = {}
     cols: dict[str, torch.Tensor] = {}
     for g in groups:
-        units = int(shapes[g.producer][0])
+        n_rows = int(shapes[g.producer][0])
+        index = unit_row_index(g, n_rows)  # [units, rows of a unit]
+        units = index.shape[0]
         kept = torch.zeros(units, dtype=torch.bool)
         kept[keep[g.producer]] = True
+        kept_rows = torch.zeros(n_rows, dtype=torch.bool)
+        kept_rows[index[kept].reshape(-1)] = True
         for name in (g.producer, *g.shift, *g.scale):
-            rows[name] = kept
+            rows[name] = kept_rows
         for c in g.consumers:
             col = cols.setdefault(c.weight, torch.ones(int(shapes[c.weight][1]), dtype=torch.bool))
             col[consumer_columns(c, units)[~kept].reshape(-1)] = False
@@ -166,4 +185,5 @@ def shrink_module(model: nn.Module, plan: Plan) -> nn.Module:
     for name, rc in plan.items():
         _set(model, name, _take(tensors[name].detach(), rc).clone())
     _sync_sizes(model)
+    swap_encoders(model)  # fewer heads / MLP width: explicit-op encoder layers, same names
     return model
