@@ -42,7 +42,7 @@ from tasks.evaluation import evaluate
 from tasks.partition import make_partition
 from tasks.plugins import merge_options, rule_options, run_dataset, run_model
 from tasks.scenarios import make_scenario
-from tasks.structure import layer_kinds
+from tasks.structure import layer_kinds, unit_rows
 
 
 @dataclass
@@ -131,9 +131,8 @@ def sparse_init(model: torch.nn.Module, cfg: LeanfedConfig) -> Mask:
         overrides=cfg.dst_overrides(),
     )
     if kinds:  # whole units / constant fan-in / N:M, as the clients' structured engine keeps
-        mask = structured_init(
-            sel.shapes, densities, kinds, torch.Generator().manual_seed(cfg.seed)
-        )
+        gen = torch.Generator().manual_seed(cfg.seed)
+        mask = structured_init(sel.shapes, densities, kinds, gen, unit_rows=unit_rows(model, cfg))
     elif cfg.dst_init == "magnitude":
         mask = saliency_mask(saliency_scores("magnitude", model, sel.params), densities, sel.slices)
     else:
@@ -348,6 +347,7 @@ def run_federated(
             strategy.mask = sparse_init(model, cfg)
     if isinstance(strategy, SparseFedAvg):  # the model's structure (also on resume)
         strategy.structure = layer_kinds(model, cfg)
+        strategy.unit_rows = unit_rows(model, cfg)
     if isinstance(strategy, CondensedSparseFedAvg):
         strategy.unit_groups = unit_groups(model)
     sizes = known_partition_sizes(grid, cfg, ds)

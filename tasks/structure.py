@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from strategies.sparse.selection import parse_patterns, select_sparsifiable
 from strategies.sparse.structured_rules import layer_structures
-from strategies.sparse.units import unit_groups
+from strategies.sparse.units import unit_groups, unit_row_index
 from tasks.config import STRUCTURED_RULES, LeanfedConfig
 
-__all__ = ["layer_kinds"]
+__all__ = ["layer_kinds", "unit_rows"]
 
 
 def layer_kinds(model: nn.Module, cfg: LeanfedConfig) -> dict[str, str]:
@@ -24,3 +25,15 @@ def layer_kinds(model: nn.Module, cfg: LeanfedConfig) -> dict[str, str]:
     sel = select_sparsifiable(model, exclude=parse_patterns(cfg.dst_exclude))
     producers = {g.producer for g in unit_groups(model)}
     return layer_structures(cfg.dst_rule, sel.shapes, producers)
+
+
+def unit_rows(model: nn.Module, cfg: LeanfedConfig) -> dict[str, torch.Tensor]:
+    """{channel producer: [units, rows of a unit]} where a unit is several rows (attention
+    heads: head_dim rows in each of q, k, v), so the server's mask keeps whole heads."""
+    kinds = layer_kinds(model, cfg)
+    state = model.state_dict()
+    return {
+        g.producer: unit_row_index(g, int(state[g.producer].shape[0]))
+        for g in unit_groups(model)
+        if kinds.get(g.producer) == "channel" and (g.rows_per_unit, g.blocks) != (1, 1)
+    }

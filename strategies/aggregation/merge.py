@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from strategies.sparse.masks import Mask
-from strategies.sparse.structured import structured_vote
+from strategies.sparse.structured import from_units, structured_vote, to_units
 
 
 @dataclass
@@ -188,6 +188,7 @@ def consensus_mask(
     target_densities: dict[str, float],
     values_for_tiebreak: dict[str, torch.Tensor],
     structure: Mapping[str, str] | None = None,
+    unit_rows: Mapping[str, torch.Tensor] | None = None,
 ) -> Mask:
     """FedDST mask vote: keep the top-k coordinates per layer by examples-weighted votes.
 
@@ -203,7 +204,7 @@ def consensus_mask(
             raise ValueError(f"no tie-break values for masked key {key!r}")
         _, keep, w = stack_kept(updates, key)
         votes[key] = (keep.to(torch.float64) * w.view(-1, *([1] * (keep.dim() - 1)))).sum(0)
-    return consensus_from_votes(votes, target_densities, values_for_tiebreak, structure)
+    return consensus_from_votes(votes, target_densities, values_for_tiebreak, structure, unit_rows)
 
 
 def consensus_from_votes(
@@ -211,13 +212,15 @@ def consensus_from_votes(
     target_densities: dict[str, float],
     values_for_tiebreak: dict[str, torch.Tensor],
     structure: Mapping[str, str] | None = None,
+    unit_rows: Mapping[str, torch.Tensor] | None = None,
 ) -> Mask:
     """Top-k coordinates per layer by vote, k_l = clamp(round(d_l * numel_l), 1, numel_l).
 
     Ties in votes go to the larger |values_for_tiebreak|, then to the lower flat index. A
     layer with a ``structure`` ("channel" | "fanin" | "nm") votes whole units / k entries per
     unit / N per group instead (``strategies.sparse.structured.structured_vote``). Secure
-    aggregation hands in vote sums it never saw per client.
+    aggregation hands in vote sums it never saw per client. ``unit_rows[key]`` ([units,
+    rows of a unit]) makes a channel unit several rows (an attention head), voted whole.
     """
     out: Mask = {}
     for key, density in target_densities.items():
@@ -226,6 +229,12 @@ def consensus_from_votes(
         if key not in values_for_tiebreak or key not in votes:
             raise ValueError(f"no votes or tie-break values for masked key {key!r}")
         kind = (structure or {}).get(key, "none")
+        rows = (unit_rows or {}).get(key) if kind == "channel" else None
+        if kind != "none" and rows is not None:  # multi-row units (heads): whole units
+            v, tb = to_units(votes[key], rows), to_units(values_for_tiebreak[key], rows)
+            picked = structured_vote(v, kind, density, tb)
+            out[key] = from_units(picked, rows, votes[key].shape)
+            continue
         if kind != "none":
             out[key] = structured_vote(votes[key], kind, density, values_for_tiebreak[key])
             continue

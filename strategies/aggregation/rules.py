@@ -61,6 +61,8 @@ class RoundInput:
     updates: list[ClientUpdate]  # accepted replies; .metrics holds train_loss, ...
     # per masked key: "channel" | "fanin" | "nm" (structured DST rules) or "none"
     structure: Mapping[str, str] = field(default_factory=dict)
+    # per channel key whose unit is several rows (attention heads): [units, rows of a unit]
+    unit_rows: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 class AggregationRule:
@@ -142,7 +144,9 @@ def weighted_vote(
     rnd: RoundInput, merged: dict[str, torch.Tensor], targets: dict[str, float]
 ) -> Mask:
     """FedDST: examples-weighted mask votes, top-k per layer, ties by |merged value|."""
-    return consensus_mask(rnd.updates, targets, merged, rnd.structure or None)
+    return consensus_mask(
+        rnd.updates, targets, merged, rnd.structure or None, rnd.unit_rows or None
+    )
 
 
 def robust_vote(

@@ -237,7 +237,11 @@ class SecAggSparseFedAvg(SparseFedAvg):
         mask_changed = 0
         if rs.plan.full:
             new_mask = consensus_from_votes(
-                result.votes, self.target_densities, merged, self.structure or None
+                result.votes,
+                self.target_densities,
+                merged,
+                self.structure or None,
+                self.unit_rows or None,
             )
             if any(not torch.equal(new_mask[k], self.mask[k]) for k in self.mask):
                 self.mask, self.mask_version, mask_changed = new_mask, self.mask_version + 1, 1

@@ -163,6 +163,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         # Structured DST (strategies.sparse.structured_rules.layer_structures): the vote keeps
         # whole units per "channel" layer, k inputs per unit per "fanin" layer, N per M.
         self.structure: dict[str, str] = dict(structure or {})
+        self.unit_rows: dict[str, torch.Tensor] = {}  # multi-row units (heads): their rows
         self.target_densities: dict[str, float] = {}
         self.mask_version = 0
         self._init_guard(limits)  # rejections, round_clients, round_eval_clients, ...
@@ -210,7 +211,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
             gen = torch.Generator().manual_seed(self.seed)
             kinds = {k: self.structure.get(k, "none") for k in shapes}
             if any(v != "none" for v in kinds.values()):
-                self.mask = structured_init(shapes, densities, kinds, gen)
+                self.mask = structured_init(shapes, densities, kinds, gen, unit_rows=self.unit_rows)
             else:
                 self.mask = random_mask(shapes, densities, generator=gen)
         for k, m in self.mask.items():
@@ -395,7 +396,9 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         arrays: ArrayRecord | None = None
         if accepted:
             accepted = self._prepare(accepted)
-            rnd = RoundInput(server_round, dict(mask), previous, accepted, self.structure)
+            rnd = RoundInput(
+                server_round, dict(mask), previous, accepted, self.structure, self.unit_rows
+            )
             merged = self.rule.aggregate(rnd)
             bad = [k for k in previous if k not in merged or merged[k].shape != previous[k].shape]
             if bad or set(merged) != set(previous):

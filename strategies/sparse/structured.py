@@ -35,11 +35,13 @@ __all__ = [
     "channel_grow",
     "check_structure",
     "fanin_drop",
+    "from_units",
     "grow_per_segment",
     "nm_drop",
     "row_counts",
     "structured_init",
     "structured_vote",
+    "to_units",
 ]
 
 NM = (2, 4)  # default N:M pattern
@@ -216,11 +218,14 @@ def structured_init(
     kinds: Mapping[str, str],
     generator: torch.Generator | None = None,
     nm: tuple[int, int] = NM,
+    unit_rows: Mapping[str, torch.Tensor] | None = None,
 ) -> Mask:
     """Random mask where tensor ``name`` has structure ``kinds[name]`` at ``densities[name]``.
 
     channel: ``max(1, round(d * units))`` random whole units; fanin: ``max(1, round(d *
     fan_in))`` random inputs in every unit; nm: ``n`` random entries per group of ``m``.
+    ``unit_rows[name]`` ([units, rows of a unit], ``units.unit_row_index``): a channel unit
+    is several rows (an attention head's q/k/v rows), kept or dropped together.
     """
     out: Mask = {}
     for name, shape in shapes.items():
@@ -230,8 +235,28 @@ def structured_init(
                 f"{name}: {math.prod(shape)} entries do not split into groups of {nm[1]}"
             )
         score = torch.rand(tuple(shape), generator=generator)
-        out[name] = _structured_from_scores(score, kind, float(densities[name]), nm)
+        rows = (unit_rows or {}).get(name) if kind == "channel" else None
+        d = float(densities[name])
+        if rows is None:
+            out[name] = _structured_from_scores(score, kind, d, nm)
+        else:
+            picked = _structured_from_scores(to_units(score, rows), kind, d, nm)
+            out[name] = from_units(picked, rows, shape)
     return out
+
+
+def to_units(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[units, rows of a unit * fan_in]: the rows ``rows[u]`` of ``t`` side by side per unit."""
+    return t.reshape(t.shape[0], -1)[rows.reshape(-1)].reshape(rows.shape[0], -1)
+
+
+def from_units(
+    u: torch.Tensor, rows: torch.Tensor, shape: torch.Size | tuple[int, ...]
+) -> torch.Tensor:
+    """Inverse of ``to_units``: a tensor of ``shape`` with unit u's entries at ``rows[u]``."""
+    out = torch.empty(shape[0], math.prod(shape[1:]), dtype=u.dtype)
+    out[rows.reshape(-1)] = u.reshape(rows.numel(), -1)
+    return out.view(tuple(shape))
 
 
 def structured_vote(

@@ -11,7 +11,7 @@ from server.runner import make_model, run_dataset, run_federated, sparse_init
 from simulations.grid import InProcessGrid
 from strategies.sparse.structured import check_structure
 from tasks.config import ConfigError, LeanfedConfig
-from tasks.structure import layer_kinds
+from tasks.structure import layer_kinds, unit_rows
 
 CHANNEL = LeanfedConfig(
     num_server_rounds=3,
@@ -100,3 +100,20 @@ def test_structured_rule_needs_the_weighted_vote() -> None:
         CHANNEL.replace(dst_rule="rigl", dst_condensed=True).validate()
     with pytest.raises(ConfigError, match="privacy.mode"):
         CHANNEL.replace(dst_condensed=True, privacy_mode="record").validate()
+
+
+def test_transformer_consensus_keeps_whole_heads() -> None:
+    cfg = CHANNEL.replace(model="transformer", num_partitions=2, min_train_nodes=2, local_steps=2)
+    model = _model(cfg)
+    rows = unit_rows(model, cfg)
+    assert set(rows) == {f"encoder.layers.{i}.self_attn.in_proj_weight" for i in range(2)}
+    assert tuple(rows["encoder.layers.0.self_attn.in_proj_weight"].shape) == (4, 48)  # 4 heads
+    masks: list[dict[str, torch.Tensor]] = [sparse_init(model, cfg)]
+    grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
+    run_federated(grid, cfg, on_round=lambda rec, st, arrays: masks.append(dict(st.mask)))
+    for mask in masks:
+        for key, idx in rows.items():
+            per_head = mask[key].reshape(mask[key].shape[0], -1)[idx.reshape(-1)]
+            per_head = per_head.reshape(idx.shape[0], -1)  # [heads, 48 rows * 64 inputs]
+            assert bool((per_head.all(1) | ~per_head.any(1)).all())  # whole heads only
+            assert int(per_head.all(1).sum()) == 2  # round(0.5 * 4) heads every round
