@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from strategies.sparse.condense import condense
 from strategies.sparse.masks import apply_mask
@@ -89,3 +92,48 @@ def test_shrunk_module_computes_the_masked_model() -> None:
         assert torch.allclose(small(x), model(x), atol=1e-5)
         assert torch.allclose(small(x), condense(model, mask)(x), atol=1e-5)
     assert small.conv2.out_channels == 28 and small.fc1.in_features == 28 * 4
+
+
+@given(
+    st.lists(st.booleans(), min_size=6, max_size=6),
+    st.lists(st.booleans(), min_size=4, max_size=4),
+    st.floats(0.05, 1.0),
+)
+def test_slice_then_scatter_is_the_identity_on_kept_entries(
+    keep_a: list[bool], keep_b: list[bool], capacity: float
+) -> None:
+    # a -> b -> c chain: a's 6 units feed b's columns, b's 4 units (2 rows each) feed c
+    groups = [
+        UnitGroup("a.weight", ("a.bias",), (), (Consumer("b.weight"),)),
+        UnitGroup("b.weight", (), (), (Consumer("c.weight"),), rows_per_unit=2),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "a.weight": torch.randn(6, 3, generator=gen),
+        "a.bias": torch.randn(6, generator=gen),
+        "b.weight": torch.randn(8, 6, generator=gen),
+        "c.weight": torch.randn(2, 4, generator=gen),
+    }
+    mask = {
+        "a.weight": torch.tensor(keep_a).unsqueeze(1).expand(6, 3).clone(),
+        "b.weight": torch.tensor(keep_b).repeat_interleave(2).unsqueeze(1).expand(8, 6).clone(),
+    }
+    keep = choose_units(groups, mask, state, capacity)
+    alive = {"a.weight": sum(keep_a), "b.weight": sum(keep_b)}
+    for name, idx in keep.items():
+        assert bool((idx[1:] > idx[:-1]).all())  # sorted, unique
+        want = max(1, math.ceil(capacity * alive[name] - 1e-9)) if alive[name] else 1
+        assert idx.numel() == want
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    plan = slice_plan(groups, shapes, keep)
+    small = condense_state(state, plan)
+    assert small["b.weight"].shape == (2 * len(keep["b.weight"]), len(keep["a.weight"]))
+    assert small["c.weight"].shape == (2, len(keep["b.weight"]))
+    back = expand_state(small, plan, shapes, state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    zeros = expand_state(small, plan, shapes)
+    cover = coverage(plan, shapes)
+    for k in plan:
+        assert int(cover[k].sum()) == small[k].numel()
+        assert torch.equal(zeros[k][cover[k]], state[k][cover[k]])
+        assert bool((zeros[k][~cover[k]] == 0).all())
