@@ -57,6 +57,8 @@ NOTES = {
     "gnn": "adjacency is data (a [B*N, B*N] sparse CSR matrix per batch), the same in every "
     "variant: condensing shrinks the hidden widths, not the graph",
     "gnn-csr": "GCN weights as CSR; the adjacency product is sparse in every variant",
+    "cnn-csr": "convolutions stay dense (PyTorch has no CSR convolution): fc layers only",
+    "transformer-csr": "embedding and head only: torch's fused encoder blocks read dense weights",
 }
 COLORS = {"dense": "black", "masked": "tab:gray", "csr": "tab:orange", "condensed": "tab:green"}
 
