@@ -94,8 +94,16 @@ def train(msg: Message, context: Context) -> Message:
         received = codec.decode_with(
             codec.from_arrayrecord(msg.content.array_records["arrays"]), _load_mask(context)
         )
+        eps = out.extra.get("dp_epsilon")  # record-level DP: this site's epsilon, in clear
         return secagg.masked_reply(
-            msg, context, received, state, out.mask, out.num_examples, float(out.loss)
+            msg,
+            context,
+            received,
+            state,
+            out.mask,
+            out.num_examples,
+            float(out.loss),
+            None if eps is None else float(eps),
         )
     if out.mask is None:
         arrays = ArrayRecord(state)

@@ -12,9 +12,10 @@ import math
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from strategies.aggregation import secagg_wire as W
+from strategies.aggregation.metric_rules import EPSILON_KEY
 from strategies.privacy.accountant import adaptive_value_noise
 from strategies.privacy.distributed import DPSumPlan, client_noise_std, min_survivors
 from strategies.secure import protocol as P
@@ -128,10 +129,14 @@ def masked_reply(
     local_mask: Mask | None,
     examples: int,
     loss: float,
+    site_epsilon: float | None = None,
 ) -> Message:
-    """Stage 2: decrypt the shares sent to this node, then reply with the masked vector only.
+    """Stage 2: decrypt the shares sent to this node, then reply with the masked vector.
 
     `received`: the global values and consensus mask this round's train message carried.
+    `site_epsilon`: under record-level DP, this site's epsilon(delta) so far; it goes in clear
+    beside the masked vector, as the reply's only metric (``dp_epsilon``): a public function
+    of the run config, the site's step count and its sampling rate batch / N.
     """
     rec, server_round = _request(msg)
     st, c_pks = _load(context, server_round)
@@ -159,7 +164,10 @@ def masked_reply(
         x = plan.encode(global_values, local, local_mask, examples, loss)
     y = P.mask_input(st, x, P.ids_from_bytes(W.get_bytes(rec, "u1"), MAX_IDS))
     _save(context, st, c_pks)
-    return _reply(msg, ConfigRecord({"masked": plan.layout().pack(y)}))
+    reply = _reply(msg, ConfigRecord({"masked": plan.layout().pack(y)}))
+    if site_epsilon is not None:
+        reply.content.metric_records["metrics"] = MetricRecord({EPSILON_KEY: float(site_epsilon)})
+    return reply
 
 
 def _get_float(rec: ConfigRecord, key: str) -> float:

@@ -28,6 +28,7 @@ from strategies.aggregation.counting import ByteCountingFedAvg
 from strategies.aggregation.dp import DPSparseFedAvg
 from strategies.aggregation.secagg import SecAggSparseFedAvg
 from strategies.aggregation.secagg_dp import SecAggDPSparseFedAvg
+from strategies.aggregation.secagg_record import SecAggRecordDPSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.aggregation.validate import ReplyLimits
 from strategies.sparse.layout import plan_densities, planned_random_mask
@@ -186,6 +187,9 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
                 "target_quantile": cfg.privacy_target_quantile,
                 "clip_lr": cfg.privacy_clip_lr,
             }
+        elif cfg.privacy_mode == "record":  # DP-SGD sites, epsilon beside the masked vector
+            cls = SecAggRecordDPSparseFedAvg
+            secure["delta"] = cfg.privacy_delta
     elif cfg.privacy_mode != "none":
         cls = DPSparseFedAvg
         secure = {  # the DP wrapper's own knobs (strategies/aggregation/dp.py)

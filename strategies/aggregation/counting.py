@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation.guard import ReplyGuard
-from strategies.aggregation.metric_rules import TIMING_KEYS, common_keys
+from strategies.aggregation.metric_rules import PER_CLIENT_KEYS, common_keys
 from strategies.aggregation.validate import ModelSpec, ReplyLimits, validate_replies
 from strategies.aggregation.wire import decode_dense
 
@@ -104,7 +104,10 @@ class ByteCountingFedAvg(ReplyGuard, FedAvg):
         # Accepted replies reduced to their checked arrays and the shared metric keys.
         where = [i for i, v in enumerate(verdicts) if v.accepted]
         shared = common_keys(  # wall-clock keys stay per client (guard._metrics)
-            [{k: x for k, x in verdicts[i].metrics.items() if k not in TIMING_KEYS} for i in where]
+            [
+                {k: x for k, x in verdicts[i].metrics.items() if k not in PER_CLIENT_KEYS}
+                for i in where
+            ]
         )
         clean = [
             _with_content(

@@ -1,7 +1,8 @@
 """DPSparseFedAvg: SparseFedAvg with differential privacy, record-level or client-level.
 
 - ``mode = "record"``: clients run DP-SGD (``strategies.privacy.dp_sgd``) and report their own
-  epsilon(delta) as the ``dp_epsilon`` metric; the round records the LARGEST site epsilon.
+  epsilon(delta) as the ``dp_epsilon`` metric; the round records the LARGEST site epsilon of
+  its accepted replies. (Under SecAgg+: `secagg_record.SecAggRecordDPSparseFedAvg`.)
 - ``mode = "client"``: DP-FedAvg (McMahan et al. 2018) on the server, with the maths in
   ``strategies.privacy.client_dp``: each update is clipped to C, the clipped updates are
   averaged over the SAMPLED clients and Gaussian noise N(0, (z C)^2)/n is added on the public
@@ -14,13 +15,13 @@ Only the merge rule and ``aggregate_train`` are wrapped; Flower's ``start`` loop
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from strategies.aggregation.merge import ClientUpdate
+from strategies.aggregation.metric_rules import EPSILON_KEY
 from strategies.aggregation.rules import FunctionRule
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.privacy.accountant import adaptive_value_noise, epsilon
@@ -118,16 +119,16 @@ class DPSparseFedAvg(SparseFedAvg):
             metrics["dp_epsilon"] = epsilon(self.noise_multiplier, q, self.dp_rounds, self.delta)
             metrics["dp_clip"] = float(self.clip)
         else:
+            # the worst (largest) site epsilon among the replies the validator accepted
+            # (`metric_rules.EPSILON_RULE`: finite, in [0, MAX_EPSILON]; a bad one rejects
+            # its reply)
             eps = [
-                float(m.content.metric_records["metrics"]["dp_epsilon"])  # type: ignore[arg-type]
-                for m in replies
-                if not m.has_error()
-                and "metrics" in m.content.metric_records
-                and "dp_epsilon" in m.content.metric_records["metrics"]
+                float(v.metrics[EPSILON_KEY])
+                for v in self.last_verdicts.get("train", [])
+                if v.accepted and EPSILON_KEY in v.metrics
             ]
-            finite = [e for e in eps if math.isfinite(e) and e >= 0]
-            if finite:  # the worst (largest) site epsilon of this round
-                metrics["dp_epsilon"] = max(finite)
+            if eps:
+                metrics[EPSILON_KEY] = max(eps)
         metrics["dp_delta"] = float(self.delta)
         self.last_train_metrics = metrics
         return arrays, metrics

@@ -19,7 +19,7 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from strategies.aggregation.metric_rules import TIMING_KEYS, check_metrics, common_keys
+from strategies.aggregation.metric_rules import PER_CLIENT_KEYS, check_metrics, common_keys
 from strategies.aggregation.validate import (
     NormBound,
     ReplyLimits,
@@ -156,7 +156,7 @@ class ReplyGuard:
         # metrics they would make two runs of the same seed differ.
         records = common_keys(
             [
-                {k: x for k, x in v.metrics.items() if k not in TIMING_KEYS}
+                {k: x for k, x in v.metrics.items() if k not in PER_CLIENT_KEYS}
                 for v in verdicts
                 if v.accepted
             ]

@@ -47,6 +47,10 @@ _FLAG = MetricRule(int, 0, 1)
 _COUNT = MetricRule(int, 0, _BIG)
 _LOSS = MetricRule(float, 0.0, 1e9)
 _FRACTION = MetricRule(float, 0.0, 1.0)
+EPSILON_KEY = "dp_epsilon"
+# No meaningful guarantee is near this bound; a larger epsilon is broken or hostile.
+MAX_EPSILON = 1e6
+EPSILON_RULE = MetricRule(float, 0.0, MAX_EPSILON)
 
 TRAIN_METRICS: dict[str, MetricRule] = {
     WEIGHT_KEY: MetricRule(int, 1, _BIG),
@@ -67,6 +71,8 @@ TRAIN_METRICS: dict[str, MetricRule] = {
     # the node's declared budget (node config "capacity"; strategies.aggregation.condensed)
     "capacity": MetricRule(float, 1e-6, 1.0),
     "train_s": MetricRule(float, 0.0, 1e7),  # seconds of local training this round
+    # record-level DP: the site's own epsilon(delta) so far (client.dp_local.account_site)
+    EPSILON_KEY: EPSILON_RULE,
 }
 EVALUATE_METRICS: dict[str, MetricRule] = {
     WEIGHT_KEY: MetricRule(int, 1, _BIG),
@@ -79,6 +85,9 @@ EVALUATE_PATTERNS: list[tuple[re.Pattern[str], MetricRule]] = [
 ]
 # Wall-clock metrics: kept per client, never averaged into a round's (reproducible) metrics.
 TIMING_KEYS = frozenset({"train_s"})
+# Kept per client, never averaged: timing, and a site's epsilon (a round reports the LARGEST
+# site epsilon, `dp.DPSparseFedAvg`; an average would understate the worst site's loss).
+PER_CLIENT_KEYS = TIMING_KEYS | {EPSILON_KEY}
 _RULES = {"train": TRAIN_METRICS, "evaluate": EVALUATE_METRICS}
 _PATTERNS: dict[str, list[tuple[re.Pattern[str], MetricRule]]] = {
     "train": [],
@@ -143,3 +152,27 @@ def common_keys(records: list[dict[str, int | float]]) -> list[dict[str, int | f
         return []
     keys = set(records[0]).intersection(*records[1:])
     return [{k: v for k, v in r.items() if k in keys} for r in records]
+
+
+def check_epsilon_record(
+    metric_records: Mapping[str, Mapping[str, object]],
+) -> tuple[float, str | None]:
+    """(the site's epsilon, or nan ; why the record is refused, or None).
+
+    The only plaintext a masked SecAgg+ train reply may carry under record-level DP:
+    exactly one MetricRecord "metrics" holding exactly ``EPSILON_KEY``, a finite float in
+    [0, ``MAX_EPSILON``]. Anything else in clear (another record, another key) is refused,
+    not dropped: the protocol defines this record, and a reply that breaks it is treated
+    as a dropout, so the sum never includes an input the server could not check.
+    """
+    if set(metric_records) != {"metrics"}:
+        names = sorted(str(k) for k in metric_records)[:4]
+        return math.nan, f"plaintext record must be exactly 'metrics', got {names}"
+    metrics = metric_records["metrics"]
+    if set(metrics) != {EPSILON_KEY}:
+        return math.nan, f"plaintext metrics must hold only {EPSILON_KEY!r} ({len(metrics)} keys)"
+    value = metrics[EPSILON_KEY]
+    problem = EPSILON_RULE.problem(value)
+    if problem is not None:
+        return math.nan, f"metric {EPSILON_KEY!r} {problem}"
+    return float(value), None  # type: ignore[arg-type]

@@ -220,9 +220,15 @@ class SecAggSparseFedAvg(SparseFedAvg):
                     raise ValueError("no secagg record in the train reply")
                 data = W.get_bytes(rec, "masked")
                 rs.upload[node] = rs.upload.get(node, 0) + len(data)
-                masked[node] = layout.unpack(data)
+                vector = layout.unpack(data)
             except (ValueError, SecAggError) as exc:
                 rs.failed[node] = f"masked input: {exc}"
+                continue
+            problem = self._plaintext_problem(rs, node, msg)
+            if problem is not None:  # left out of the sum: recovered as a dropout
+                rs.failed[node] = problem
+                continue
+            masked[node] = vector
         for node in rs.u1 - set(masked):
             rs.failed.setdefault(node, "dropped after key sharing (no masked input)")
         try:
@@ -256,6 +262,11 @@ class SecAggSparseFedAvg(SparseFedAvg):
         metrics["secure_clipped_fraction"] = result.clipped / max(1, on_mask * len(masked))
         self.last_train_metrics = metrics
         return ArrayRecord({k: new_state[k] for k in self._global}), metrics
+
+    def _plaintext_problem(self, rs: Round, node: int, msg: Message) -> str | None:
+        """Why the clear part of a masked reply is refused, or None (a subclass that expects
+        a plaintext record beside the masked vector checks it here; none is read here)."""
+        return None
 
     def _unmask(self, rs: Round, masked: dict[int, np.ndarray]) -> np.ndarray:
         """Stage 3: check thresholds, collect shares from survivors, remove the masks."""

@@ -11,7 +11,8 @@ other than the masked input are queries ``query.secagg_<stage>``:
                     keys, "src": sender ids, "ct": [ciphertexts for this node], "full",
                     "clip", "quant-bits", "max-weight", "num-clients"; with client-level DP
                     also "dp-clip", "dp-min-survivors", "dp-sampled", "dp-count-noise"}
-             C->S  {"masked": packed masked vector}  -- and nothing else: no metrics
+             C->S  {"masked": packed masked vector}  -- and nothing else: no metrics (with
+                    record-level DP, beside it MetricRecord "metrics" = {"dp_epsilon"} only)
   unmask     S->C  {"round", "survivors": ids, "dropped": ids}
              C->S  {"src": ids, "kind": one byte per share (0 = b, 1 = s_sk), "shares": [68 B]}
 
