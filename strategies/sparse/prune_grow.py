@@ -57,6 +57,27 @@ def _check(mask: torch.Tensor, score: torch.Tensor, n: int, what: str) -> None:
         raise ValueError(f"{what}: n must be >= 0, got {n}")
 
 
+def _stable_top(s: torch.Tensor, n: int, largest: bool) -> torch.Tensor:
+    """Bool selector of the first ``n`` entries of a stable sort of 1-D ``s`` (no NaN).
+
+    The same set as ``argsort(s, descending=largest, stable=True)[:n]``: every entry
+    strictly beyond the n-th value t, then entries equal to t by position. ``topk`` finds
+    t without sorting all candidates (n is a small fraction of a layer).
+    """
+    out = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)
+    if n == 0:
+        return out
+    if n >= s.numel():
+        return out.fill_(True)
+    kth = torch.topk(s, n, largest=largest, sorted=False).values
+    t = kth.min() if largest else kth.max()
+    beyond = s > t if largest else s < t
+    out |= beyond
+    ties = (s == t).nonzero().squeeze(1)[: n - int(beyond.sum())]
+    out[ties] = True
+    return out
+
+
 def drop_lowest(mask: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
     """Bool tensor of the ``n`` active entries of ``mask`` with the lowest ``score``."""
     _check(mask, score, n, "drop_lowest")
@@ -66,9 +87,8 @@ def drop_lowest(mask: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor
         raise ValueError(f"drop_lowest: cannot drop {n} of {active.numel()} active entries")
     # A NaN score marks a broken weight: rank it lowest so it is dropped first.
     s = torch.nan_to_num(score.detach().reshape(-1)[active].float(), nan=-float("inf"))
-    order = torch.argsort(s, stable=True)
     out = torch.zeros_like(flat_mask)
-    out[active[order[:n]]] = True
+    out[active[_stable_top(s, n, largest=False)]] = True
     return out.view(mask.shape)
 
 
@@ -92,9 +112,8 @@ def grow_highest(
     if n > cand.numel():
         raise ValueError(f"grow_highest: cannot grow {n}, only {cand.numel()} candidates")
     s = torch.nan_to_num(score.detach().reshape(-1)[cand].float(), nan=-float("inf"))
-    order = torch.argsort(s, descending=True, stable=True)
     out = torch.zeros(mask_after_drop.numel(), dtype=torch.bool, device=mask_after_drop.device)
-    out[cand[order[:n]]] = True
+    out[cand[_stable_top(s, n, largest=True)]] = True
     return out.view(mask_after_drop.shape)
 
 
