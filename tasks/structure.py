@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from strategies.sparse.selection import parse_patterns, select_sparsifiable
+from strategies.sparse.selection import Selection, parse_patterns, select_sparsifiable
 from strategies.sparse.structured_rules import layer_structures
 from strategies.sparse.units import unit_groups, unit_row_index
 from tasks.config import STRUCTURED_RULES, LeanfedConfig
 
-__all__ = ["layer_kinds", "unit_rows"]
+__all__ = ["layer_kinds", "run_selection", "unit_rows"]
+
+
+def run_selection(model: nn.Module, cfg: LeanfedConfig) -> Selection:
+    """The tensors this run's DST masks: the clients' engine selection (``dst.exclude`` applied;
+    tied weights once, fused in_proj as q/k/v slices). The server's masks use it too."""
+    return select_sparsifiable(model, exclude=parse_patterns(cfg.dst_exclude))
 
 
 def layer_kinds(model: nn.Module, cfg: LeanfedConfig) -> dict[str, str]:
@@ -22,7 +28,7 @@ def layer_kinds(model: nn.Module, cfg: LeanfedConfig) -> dict[str, str]:
     """
     if cfg.dst_rule not in STRUCTURED_RULES:
         return {}
-    sel = select_sparsifiable(model, exclude=parse_patterns(cfg.dst_exclude))
+    sel = run_selection(model, cfg)
     producers = {g.producer for g in unit_groups(model)}
     return layer_structures(cfg.dst_rule, sel.shapes, producers)
 

@@ -5,24 +5,8 @@ aggregate_evaluate, summary); Flower's own ``Strategy.start`` loop runs the roun
 loop's ``arrays`` stays the DENSE global model (zeros off the consensus mask), so
 ``evaluate_fn`` and result handling work unchanged.
 
-Wire format (see `strategies.aggregation.wire` for the full description):
-
-Server -> client, train and evaluate messages (RecordDict):
-  "arrays": ``codec.to_arrayrecord(codec.encode(global, consensus_mask, value_dtype=download,
-            send_mask=<node lacks the current mask>))`` -- one uint8 Array "leanfed.payload".
-  "config": ConfigRecord: everything in the run's train/evaluate config plus
-            "server-round" (int), "leanfed.mask-sent" (0/1), "leanfed.mask-version" (int),
-            "leanfed.density" (float), "leanfed.upload-dtype" ("fp32"|"fp16"|"int8"),
-            "leanfed.mask-round" (1 when the server re-votes the consensus mask after this
-            round, so it is a good round to prune/regrow locally).
-Client -> server, train reply (RecordDict):
-  "arrays":  ``codec.to_arrayrecord(codec.encode(state, client_mask, value_dtype=upload,
-             send_mask=<client changed its mask>))``; without the mask, the server decodes
-             with the consensus mask it sent this round.
-  "metrics": MetricRecord: "num-examples" (int > 0), "train_loss", "density",
-             "upload_bytes", "drift" (0/1), "regrew" (0/1); extra numeric keys allowed.
-Client -> server, evaluate reply: "metrics" MetricRecord with "num-examples" and the
-  evaluation metrics (e.g. "eval_loss", "eval_acc").
+Wire format: `strategies.aggregation.wire` (messages, records and every "leanfed.*" config
+key the server sends).
 
 Bytes are counted from encoded payload lengths: ``self.bytes_log[round]`` holds "upload"
 (sum over train replies), "download" (sum over train messages) and "download_evaluate".
@@ -30,7 +14,6 @@ Bytes are counted from encoded payload lengths: ``self.bytes_log[round]`` holds 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 from typing import Any
@@ -54,18 +37,23 @@ from strategies.aggregation.rules import (
     build_rule,
     build_vote,
 )
+from strategies.aggregation.sparse_round import (
+    check_mask,
+    check_merged,
+    initial_mask,
+    masked,
+    reply_spec,
+    upload_bytes,
+)
 from strategies.aggregation.validate import ModelSpec, ReplyLimits, validate_replies
 from strategies.aggregation.wire import (
     Decoded,
-    ReplyError,
     decode_payload,
     decode_reply,
     encode_global,
-    reply_payload,
 )
 from strategies.sparse.density import layer_density_rule
-from strategies.sparse.masks import Mask, default_sparsifiable, random_mask
-from strategies.sparse.structured import structured_init
+from strategies.sparse.masks import Mask
 
 __all__ = ["VOTES", "SparseFedAvg", "decode_reply", "encode_global"]
 
@@ -190,30 +178,17 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         super().summary()
 
     def _ensure_mask(self, state: dict[str, torch.Tensor]) -> Mask:
-        """Build the initial ERK/uniform random mask on first use (seeded)."""
+        """Build the initial ERK/uniform random mask over `sparse_keys` on first use (seeded)."""
         if self.mask is None:
-            keys = self.sparse_keys
-            if keys is None:
-                keys = [
-                    k
-                    for k, v in state.items()
-                    if v.is_floating_point() and default_sparsifiable(k, v)
-                ]
-            missing = [k for k in keys if k not in state]
-            if missing:
-                raise ValueError(f"sparse_keys not in the model: {missing}")
-            shapes = {k: state[k].shape for k in keys}
-            densities = (
-                {k: 1.0 for k in shapes}
-                if self.density >= 1.0
-                else self._density_rule(shapes, self.density)
+            self.mask = initial_mask(
+                state,
+                self.sparse_keys,
+                self.density,
+                self._density_rule,
+                self.seed,
+                self.structure,
+                self.unit_rows,
             )
-            gen = torch.Generator().manual_seed(self.seed)
-            kinds = {k: self.structure.get(k, "none") for k in shapes}
-            if any(v != "none" for v in kinds.values()):
-                self.mask = structured_init(shapes, densities, kinds, gen, unit_rows=self.unit_rows)
-            else:
-                self.mask = random_mask(shapes, densities, generator=gen)
         for k, m in self.mask.items():
             if k not in state or tuple(m.shape) != tuple(state[k].shape):
                 raise ValueError(f"mask entry {k!r} does not match the model")
@@ -247,10 +222,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         state = dict(arrays.to_torch_state_dict())
         mask = self._ensure_mask(state)
         if kind == "train":  # what the clients actually receive: zeros off the mask
-            self._global = {
-                k: torch.where(mask[k], v, torch.zeros_like(v)) if k in mask else v
-                for k, v in state.items()
-            }
+            self._global = masked(state, mask)
         payloads: dict[bool, ArrayRecord] = {}
         sizes: dict[bool, int] = {}
         messages: list[Message] = []
@@ -342,19 +314,15 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         )
 
     def _spec(self, previous: dict[str, torch.Tensor], mask: Mask) -> ModelSpec:
-        """Acceptable replies: the model's tensors; each layer at most its consensus density
-        (or `max_density` if set higher), overall at most `max_density` (default: target)."""
-        layers = {k: int(m.sum()) / max(1, m.numel()) for k, m in mask.items()}
-        actual = sum(int(m.sum()) for m in mask.values()) / max(
-            1, sum(m.numel() for m in mask.values())
-        )
-        bound = self.max_density if self.max_density is not None else max(self.density, actual)
-        layer_bounds = {
-            k: max(d, self.target_densities.get(k, d), self.max_density or 0.0)
-            for k, d in layers.items()
-        }
-        return ModelSpec.from_state(
-            previous, mask, bound, self.max_density_tolerance, layer_bounds, self.limits.max_abs
+        """Acceptable replies (see `sparse_round.reply_spec`)."""
+        return reply_spec(
+            previous,
+            mask,
+            self.density,
+            self.max_density,
+            self.max_density_tolerance,
+            self.target_densities,
+            self.limits.max_abs,
         )
 
     def aggregate_train(
@@ -370,11 +338,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         spec = self._spec(previous, mask)
         wire_spec = spec.wire()
         limit = codec.max_payload_bytes(wire_spec)
-        uploads: dict[int, int] = {}
-        for msg in replies:  # bytes received, every reply of a node counted
-            with contextlib.suppress(ReplyError, codec.CodecError):
-                node = int(msg.metadata.src_node_id)
-                uploads[node] = uploads.get(node, 0) + len(reply_payload(msg, limit))
+        uploads = upload_bytes(replies, limit)
         self._log_bytes(server_round, "upload", sum(uploads.values()))
         accepted, verdicts = validate_replies(
             replies,
@@ -400,11 +364,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
                 server_round, dict(mask), previous, accepted, self.structure, self.unit_rows
             )
             merged = self.rule.aggregate(rnd)
-            bad = [k for k in previous if k not in merged or merged[k].shape != previous[k].shape]
-            if bad or set(merged) != set(previous):
-                raise ValueError(
-                    f"merge rule {self.merge_rule_name} returned bad keys/shapes: {bad}"
-                )
+            check_merged(merged, previous, self.merge_rule_name)
             problem = self._merged_problem(merged)
             if problem is not None:
                 self._reject_round(server_round, problem, metrics)
@@ -416,10 +376,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
                         self.mask_version += 1
                         mask_changed = 1
                 assert self.mask is not None
-                new_state = {
-                    k: torch.where(self.mask[k], v, torch.zeros_like(v)) if k in self.mask else v
-                    for k, v in merged.items()
-                }
+                new_state = masked(merged, self.mask)
                 arrays = ArrayRecord({k: new_state[k] for k in previous})
         active = sum(int(m.sum()) for m in self.mask.values())
         total = sum(m.numel() for m in self.mask.values())
@@ -436,16 +393,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         """The rule's proposal if it makes one, else the vote; checked against the mask."""
         proposed = self.rule.propose_mask(rnd, merged, self.target_densities)
         new = proposed if proposed is not None else self.vote(rnd, merged, self.target_densities)
-        for k, m in rnd.mask.items():
-            got = new.get(k)
-            if got is None or got.dtype != torch.bool or got.shape != m.shape:
-                raise ValueError(
-                    f"mask rule {self.merge_rule_name}: entry {k!r} missing or not a bool "
-                    f"tensor of shape {tuple(m.shape)}"
-                )
-        if set(new) != set(rnd.mask):
-            raise ValueError(f"mask rule {self.merge_rule_name}: keys differ from the mask")
-        return {k: new[k] for k in rnd.mask}
+        return check_mask(new, rnd.mask, self.merge_rule_name)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

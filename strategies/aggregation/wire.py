@@ -5,7 +5,11 @@ Server -> client (train and evaluate), a RecordDict with:
             ``codec.PAYLOAD_KEY``): the global values under the consensus mask. The mask is
             inside only when this node does not hold it yet (``send_mask``); otherwise the
             client decodes with ``codec.decode_with(payload, mask_it_holds)``.
-  "config": ConfigRecord: "server-round", plus the "leanfed.*" keys set by SparseFedAvg.
+  "config": ConfigRecord: everything in the run's train/evaluate config plus, set by
+            SparseFedAvg: "server-round" (int), "leanfed.mask-sent" (0/1),
+            "leanfed.mask-version" (int), "leanfed.density" (float), "leanfed.upload-dtype"
+            ("fp32"|"fp16"|"int8"), "leanfed.mask-round" (1 when the server re-votes the
+            consensus mask after this round, so it is a good round to prune/regrow locally).
 Client -> server (train), a RecordDict with:
   "arrays":  ArrayRecord from `codec.to_arrayrecord` of ``codec.encode(state, client_mask,
              value_dtype=<upload dtype>, send_mask=<client changed its mask>)``; with
@@ -13,6 +17,8 @@ Client -> server (train), a RecordDict with:
   "metrics": MetricRecord with "num-examples" (int > 0), "train_loss", "density",
              "upload_bytes", "drift" (0/1), "regrew" (0/1), ...: every key is checked by
              `strategies.aggregation.metric_rules` (unknown keys are dropped).
+Client -> server (evaluate): a "metrics" MetricRecord with "num-examples" and the
+  evaluation metrics (e.g. "eval_loss", "eval_acc").
 A reply holds exactly these records (`check_records`); anything else is refused.
 """
 
