@@ -32,7 +32,6 @@ All randomness comes from one ``torch.Generator`` so runs are reproducible given
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
@@ -43,7 +42,6 @@ from strategies.sparse.dst_config import RULE_TABLE, RULES, STRUCTURED_RULES, DS
 from strategies.sparse.layout import plan_densities, planned_random_mask, unit_rows
 from strategies.sparse.masks import (
     Mask,
-    MaskError,
     Predicate,
     mask_density,
     ones_mask,
@@ -52,8 +50,6 @@ from strategies.sparse.masks import (
 )
 from strategies.sparse.prune_grow import (
     LayerState,
-    check_prune_grow,
-    drop_lowest,
     get_drop_rule,
     get_grow_rule,
     magnitude_prune_to,
@@ -64,7 +60,13 @@ from strategies.sparse.scores import magnitude_score
 from strategies.sparse.selection import predicate_selection, select_sparsifiable
 from strategies.sparse.structured import ablate_units, structured_init
 from strategies.sparse.structured_rules import STRUCTURES, layer_structures
-from strategies.sparse.units import unit_groups, unit_row_index, zero_dead_shifts
+from strategies.sparse.unit_step import (
+    UnitViews,
+    check_regrow_inputs,
+    prune_grow_unit,
+    reset_optimizer_state,
+)
+from strategies.sparse.units import unit_groups, zero_dead_shifts
 
 __all__ = ["RULES", "RULE_TABLE", "STRUCTURED_RULES", "DSTConfig", "DSTController"]
 
@@ -117,11 +119,7 @@ class DSTController:
         self.groups = unit_groups(model) if config.rule in STRUCTURED_RULES else []
         self.structure = self._structures(config.rule)
         # Multi-row units (attention heads): channel rules see [units, rows of a unit * fan_in].
-        self._unit_perm: dict[str, torch.Tensor] = {
-            g.producer: unit_row_index(g, self.shapes[g.producer][0]).reshape(-1)
-            for g in self.groups
-            if (g.rows_per_unit, g.blocks) != (1, 1) and self.structure[g.producer] == "channel"
-        }
+        self.views = UnitViews(self.groups, self.shapes, self.structure)
         # srigl: constant fan-in plus neuron ablation where a unit can really be removed
         self._ablatable = {g.producer for g in self.groups} if config.rule == "srigl" else set()
 
@@ -145,9 +143,9 @@ class DSTController:
             init = ones_mask(self.shapes)
         elif config.rule in STRUCTURED_RULES:
             densities = self.planned_densities(config.density)
-            shapes = {n: self._view_shape(n) for n in self.shapes}
+            shapes = {n: self.views.shape(n) for n in self.shapes}
             init = structured_init(shapes, densities, self.structure, self.generator)
-            init = {n: self._unview(n, m) for n, m in init.items()}
+            init = {n: self.views.unview(n, m) for n, m in init.items()}
         else:
             densities = self.planned_densities(config.density)
             if config.init == "random":
@@ -272,17 +270,7 @@ class DSTController:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"regrow fraction must be in [0, 1], got {fraction}")
         scores = dict(grow_scores or {})
-        for n, s in scores.items():
-            if n not in self.shapes:
-                raise MaskError(f"grow_scores key {n!r} is not a masked tensor")
-            if s.shape != self.shapes[n]:
-                raise MaskError(
-                    f"{n}: grow score shape {tuple(s.shape)} != {tuple(self.shapes[n])}"
-                )
-        if protected is not None:
-            for n, m in protected.items():
-                if n not in self.shapes or m.shape != self.shapes[n]:
-                    raise MaskError(f"protected key {n!r} missing from mask or wrong shape")
+        check_regrow_inputs(self.shapes, scores, protected)
         drop, grow, fallback = "magnitude", "gradient", "random"
         if self.config.rule in STRUCTURED_RULES:
             drop, grow, fallback = (*RULE_TABLE[self.config.rule], "structured-random")
@@ -342,41 +330,7 @@ class DSTController:
             zero_dead_shifts(self.model, self.mask, self.groups)
 
     def _reset_optimizer_state(self, name: str, positions: torch.Tensor) -> None:
-        # Every per-parameter state tensor shaped like the weight (SGD momentum_buffer,
-        # Adam/AdamW exp_avg, exp_avg_sq, max_exp_avg_sq, RMSprop square_avg, ...) is zeroed
-        # at ``positions`` so a regrown weight starts fresh. Scalar state (Adam's ``step``)
-        # is per tensor and cannot be reset per entry, as in RigL.
-        p = self._params[name]
-        state = self.optimizer.state.get(p)
-        if not state or not bool(positions.any()):
-            return
-        with torch.no_grad():
-            for v in state.values():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                    v.masked_fill_(positions.to(v.device), 0)
-
-    def _view(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        # [rows, ...] -> [units, rows_per_unit * blocks * fan_in] for multi-row units.
-        perm = self._unit_perm.get(name)
-        if perm is None:
-            return t
-        return t[perm.to(t.device)].reshape(self._view_shape(name))
-
-    def _unview(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        perm = self._unit_perm.get(name)
-        if perm is None:
-            return t
-        out = torch.empty(self.shapes[name], dtype=t.dtype, device=t.device)
-        out[perm.to(t.device)] = t.reshape(self.shapes[name])
-        return out
-
-    def _view_shape(self, name: str) -> tuple[int, ...]:
-        shape = tuple(self.shapes[name])
-        if name not in self._unit_perm:
-            return shape
-        g = next(g for g in self.groups if g.producer == name)
-        units = g.units(shape[0])
-        return (units, math.prod(shape) // units)
+        reset_optimizer_state(self.optimizer, self._params[name], positions)
 
     def _units(self, name: str) -> list[slice]:
         return unit_rows(name, self.shapes[name], self.slices.get(name, 1))
@@ -402,40 +356,20 @@ class DSTController:
             updated = 0
             # Each unit (a layer, or one slice of a fused q/k/v projection) keeps its own
             # active count: budgets never move between slices.
-            view, unview = partial(self._view, n), partial(self._unview, n)
+            view, unview = partial(self.views.view, n), partial(self.views.unview, n)
             for rows in self._units(n):  # multi-row units: one full slice, seen unit-major
                 m = view(self.mask[n][rows])
                 pr = None if prot is None else view(prot[rows].to(m.device))
-                active = int(m.sum())
-                droppable = active
-                if pr is not None:
-                    droppable = int((m & ~pr).sum())
-                # n_drop = round(f * active) (RigL), capped so the grow set exists.
-                k = min(round(fraction * active), droppable, m.numel() - active)
-                if k <= 0:
-                    continue
-                w = view(p.detach()[rows])
                 g = None if grad is None else view(grad[rows])
-                layer = LayerState(n, w, m, g, self.generator, self.structure[n])
-                if pr is not None and layer.structure != "none":
-                    # Protected weights score +inf |w| (and their units +inf norm): never dropped.
-                    w_inf = w.masked_fill(pr, float("inf"))
-                    dropped = drop_rule(
-                        LayerState(n, w_inf, m, g, self.generator, layer.structure), k
-                    )
-                elif pr is not None:
-                    # Protected weights get +inf drop score, so they are never the lowest.
-                    score = magnitude_score(w).masked_fill(pr, float("inf"))
-                    dropped = drop_lowest(m, score, k)
-                else:
-                    dropped = drop_rule(layer, k)
-                after = m & ~dropped
-                k = int(dropped.sum())  # structured drops round to whole units / rows
-                if k == 0:
+                layer = LayerState(
+                    n, view(p.detach()[rows]), m, g, self.generator, self.structure[n]
+                )
+                moved = prune_grow_unit(layer, fraction, pr, drop_rule, grow_rule)
+                if moved is None:
                     continue
-                grown = grow_rule(layer, after, dropped, k)
-                new = after | grown
-                check_prune_grow(m, dropped, grown, new, n)
+                dropped, grown = moved
+                k = int(dropped.sum())
+                new = (m & ~dropped) | grown
                 new_full[rows] = unview(new)
                 changed[rows] = unview(dropped | grown)
                 with torch.no_grad():
