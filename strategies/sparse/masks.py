@@ -54,6 +54,8 @@ def default_sparsifiable(name: str, tensor: torch.Tensor) -> bool:
     ``in_proj_weight`` [3E, E] and ``out_proj.weight`` [E, E], and GNN ``lin.weight``
     (e.g. PyG ``GCNConv``). Biases and norm scales/shifts are 1-D so they stay dense, as in
     RigL (Evci et al. 2020). The name test only guards exotic >=2-D norm parameters.
+    A coarse predicate for `sparsifiable_shapes` (fuzzing, benchmarks); which tensors a run
+    masks, on the clients and the server alike, is `selection.select_sparsifiable`.
     """
     return tensor.dim() >= 2 and "norm" not in name.lower()
 
