@@ -1,8 +1,10 @@
 """`leanfed bench federated`: Flower FedAvg vs sparse static vs FedDST on one harness and engine.
 
-Every run drives the real ServerApp strategy and ClientApp through the same in-process
-Grid (real Flower serde on every message), so accuracy, bytes and round wall time are
-comparable row to row. Bytes are the encoded payloads of each message, both directions.
+Tasks: the CNN (the full grid of arms) and the transformer and GNN (dense, FedDST at 0.1,
+condensed channel training), one table. Every run drives the real ServerApp strategy and
+ClientApp through the same in-process Grid (real Flower serde on every message), so
+accuracy, bytes and round wall time are comparable row to row. Bytes are the encoded
+payloads of each message, both directions.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from rich.progress import Progress  # noqa: E402
 
 from client.app import app as client_app  # noqa: E402
 from server.runner import RunSummary, run_federated  # noqa: E402
+from simulations.federated_targets import targets  # noqa: E402
 from simulations.grid import InProcessGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
 from tasks.datasets import load_dataset  # noqa: E402
@@ -44,7 +47,35 @@ class Arm:
     low_capacity: float = 1.0  # every second client declares this node capacity
 
 
-def arms(quick: bool) -> list[Arm]:
+@dataclass(frozen=True)
+class TaskSpec:
+    """Per-task settings: rounds of a full run and the clients' local optimizer."""
+
+    rounds: int
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+
+
+# "cnn" is the dataset's own model (the MLP on breast_cancer). The transformer and GNN train
+# with Adam at bench centralized's rates (SGD lr 0.1, momentum 0.9 left the GNN at chance in
+# a 2-round probe) and 15 rounds: a GNN step costs ~4x a CNN step, so that the whole bench
+# stays near 15 minutes on an idle 2-core machine.
+TASKS: dict[str, TaskSpec] = {
+    "cnn": TaskSpec(30),
+    "transformer": TaskSpec(15, "adam", 2e-3, 0.0),
+    "gnn": TaskSpec(15, "adam", 3e-3, 0.0),
+}
+
+
+def arms(quick: bool, task: str = "cnn") -> list[Arm]:
+    """The CNN's full grid; the transformer and GNN: dense, FedDST 0.1, condensed channel 0.5."""
+    if task != "cnn":
+        return [
+            Arm("flower-fedavg", "dense", 1.0),
+            Arm("leanfed-feddst", "rigl", 0.1),
+            Arm("leanfed-feddst", "channel", 0.5, condensed=True),
+        ]
     densities = (0.1,) if quick else (0.5, 0.2, 0.1)
     out = [Arm("flower-fedavg", "dense", 1.0)]
     out += [Arm("leanfed-sparse", "static", d) for d in densities]
@@ -88,9 +119,18 @@ def client_train_s(strategy: Any, rounds: list[int]) -> float | None:
 
 
 def base_config(
-    dataset: str, seed: int, clients: int, rounds: int, alpha: float, quick: bool
+    dataset: str,
+    seed: int,
+    clients: int,
+    rounds: int,
+    alpha: float,
+    quick: bool,
+    task: str = "cnn",
 ) -> LeanfedConfig:
-    model = {"mnist5k": "cnn", "digits": "cnn", "breast_cancer": "mlp"}.get(dataset, "cnn")
+    model = task
+    if task == "cnn":
+        model = {"mnist5k": "cnn", "digits": "cnn", "breast_cancer": "mlp"}.get(dataset, "cnn")
+    spec = TASKS[task]
     return LeanfedConfig(
         num_server_rounds=rounds,
         seed=seed,
@@ -103,7 +143,9 @@ def base_config(
         min_train_nodes=max(1, clients // 2),
         local_steps=4 if quick else 20,
         local_batch_size=32,
-        local_lr=0.1,
+        local_lr=spec.lr,
+        local_optimizer=spec.optimizer,
+        local_weight_decay=spec.weight_decay,
         # FedDST readjustment every ΔR=3 rounds with α=0.2 (tuned on seed 0; α=0.3/ΔR=1,
         # α=0.1/ΔR=1 and α=0.05/ΔR=1 ended 1.2-2.8 points lower).
         dst_mask_round_interval=3,
@@ -154,6 +196,8 @@ def row_for(
         "clients_per_round": max(int(cfg.num_partitions * cfg.fraction_train), cfg.min_train_nodes),
         "alpha": cfg.partition_alpha,
         "local_steps": cfg.local_steps,
+        "local_optimizer": cfg.local_optimizer,
+        "local_lr": cfg.local_lr,
         "client_sizes": client_sizes(cfg),
     }
 
@@ -171,65 +215,6 @@ def client_sizes(cfg: LeanfedConfig) -> list[int]:
         cfg.partition_sample_size,
     )
     return part.sizes
-
-
-def accuracy_at_budget(row: dict[str, Any], budget: int) -> float:
-    """Accuracy after the last round whose cumulative upload stays within ``budget`` bytes."""
-    acc, spent = row["initial_accuracy"], 0
-    for a, b in zip(row["accuracy_per_round"], row["upload_bytes_per_round"], strict=True):
-        spent += b
-        if spent > budget:
-            break
-        acc = a
-    return float(acc)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
-def structured_targets(rows: list[dict[str, Any]], dense: dict[str, Any]) -> dict[str, Any]:
-    """Issue 8: condensed channel rows vs dense FedAvg; mixed capacity vs all-full."""
-    out: dict[str, Any] = {}
-    full = {r["density"]: r for r in rows if r["condensed"] and r["low_capacity"] == 1.0}
-    for r in rows:
-        if r["rule"] != "channel":
-            continue
-        kind = "condensed" if r["condensed"] else "masked"
-        key = f"channel-{r['density']:g}-{kind}" + (
-            f"-mixed{r['low_capacity']:g}" if r["low_capacity"] < 1.0 else ""
-        )
-        out[key] = {
-            "accuracy_gap_points": 100 * (r["final_accuracy"] - dense["final_accuracy"]),
-            "client_train_ratio": _ratio(r["client_train_s"], dense["client_train_s"]),
-            "median_round_wall_ratio": r["median_round_wall_s"] / dense["median_round_wall_s"],
-            "upload_ratio": r["upload_bytes"] / dense["upload_bytes"],
-            "download_ratio": r["download_bytes"] / dense["download_bytes"],
-        }
-        if r["low_capacity"] < 1.0 and r["density"] in full:
-            gap = r["final_accuracy"] - full[r["density"]]["final_accuracy"]
-            out[key]["gap_vs_full_capacity_points"] = 100 * gap
-    return out
-
-
-def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets at density 0.1, measured (fp32 upload row and fp16 row), and the
-    structured rows' (``structured_targets``)."""
-    dense = next(r for r in rows if r["strategy"] == "flower-fedavg")
-    out: dict[str, Any] = structured_targets(rows, dense)
-    for r in rows:
-        if r["rule"] != "rigl" or r["density"] != 0.1:
-            continue
-        key = f"feddst-0.1-{r['upload_dtype']}"
-        out[key] = {
-            "accuracy_gap_points": 100 * (r["final_accuracy"] - dense["final_accuracy"]),
-            "upload_ratio": r["upload_bytes"] / dense["upload_bytes"],
-            "download_ratio": r["download_bytes"] / dense["download_bytes"],
-            "equal_budget_gain_points": 100
-            * (r["final_accuracy"] - accuracy_at_budget(dense, r["upload_bytes"])),
-            "median_round_wall_ratio": r["median_round_wall_s"] / dense["median_round_wall_s"],
-        }
-    return out
 
 
 def _accuracy_plot(
@@ -256,14 +241,26 @@ def _accuracy_plot(
 
 
 def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    rounds = [[float(i) for i in range(1, r["rounds"] + 1)] for r in rows]
-    cum_mb = [[c / 1e6 for c in accumulate(r["upload_bytes_per_round"])] for r in rows]
-    return [
-        _accuracy_plot(rows, rounds, out_dir / "accuracy_vs_round.png", "round", False),
-        _accuracy_plot(
-            rows, cum_mb, out_dir / "accuracy_vs_upload.png", "cumulative uploaded MB (log)", True
-        ),
-    ]
+    """Per task: accuracy vs round and vs cumulative upload (the first task unprefixed)."""
+    paths: list[Path] = []
+    for i, t in enumerate(dict.fromkeys(r["task"] for r in rows)):
+        mine = [r for r in rows if r["task"] == t]
+        prefix = "" if i == 0 else f"{t}_"
+        rounds = [[float(k) for k in range(1, r["rounds"] + 1)] for r in mine]
+        cum_mb = [[c / 1e6 for c in accumulate(r["upload_bytes_per_round"])] for r in mine]
+        paths += [
+            _accuracy_plot(
+                mine, rounds, out_dir / f"{prefix}accuracy_vs_round.png", "round", False
+            ),
+            _accuracy_plot(
+                mine,
+                cum_mb,
+                out_dir / f"{prefix}accuracy_vs_upload.png",
+                "cumulative uploaded MB (log)",
+                True,
+            ),
+        ]
+    return paths
 
 
 def run_bench(
@@ -275,25 +272,32 @@ def run_bench(
     alpha: float = 0.5,
     quick: bool = False,
     progress: bool = True,
+    tasks: tuple[str, ...] = tuple(TASKS),
 ) -> list[dict[str, Any]]:
+    """Every task's arms on ``dataset`` (default rounds per task: ``TASKS``; 3 when quick)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise typer.BadParameter(f"tasks must be among {', '.join(TASKS)}, got {unknown or '()'}")
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet_flower()
-    n_rounds = rounds if rounds is not None else (3 if quick else 30)
-    base = base_config(dataset, seed, clients, n_rounds, alpha, quick)
+    plan: list[tuple[Arm, LeanfedConfig]] = []
+    for t in tasks:
+        n = rounds if rounds is not None else (3 if quick else TASKS[t].rounds)
+        base = base_config(dataset, seed, clients, n, alpha, quick, t)
+        plan += [(arm, arm_config(arm, base)) for arm in arms(quick, t)]
     rows: list[dict[str, Any]] = []
-    todo = arms(quick)
     t0 = time.perf_counter()
     with Progress(console=console, disable=not progress) as bar:
-        task = bar.add_task("federated bench", total=len(todo) * n_rounds)
-        for arm in todo:
-            cfg = arm_config(arm, base)
+        total = sum(cfg.num_server_rounds for _, cfg in plan)
+        task = bar.add_task("federated bench", total=total)
+        for arm, cfg in plan:
             grid = InProcessGrid(
                 client_app,
                 cfg.num_partitions,
                 run_config=cfg.to_run_config(),
                 capacities=capacities(arm, cfg.num_partitions),
             )
-            bar.update(task, description=f"{arm.strategy} {arm.rule} d={arm.density}")
+            bar.update(task, description=f"{cfg.model} {arm.strategy} {arm.rule} d={arm.density}")
             seen: dict[str, Any] = {}
 
             def on_round(rec: Any, strategy: Any, arrays: Any, seen: dict[str, Any] = seen) -> None:
@@ -307,7 +311,7 @@ def run_bench(
         "command": "leanfed bench federated",
         "wall_s": time.perf_counter() - t0,
         "rows": rows,
-        "targets": targets(rows),
+        "targets": targets(rows),  # {task: {row key: measured ratios and gaps}}
     }
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "summary.json").write_text(json.dumps(result, indent=1))
@@ -327,12 +331,17 @@ def register(bench_app: typer.Typer) -> None:
         rounds: Annotated[int | None, typer.Option("--rounds")] = None,
         alpha: Annotated[float, typer.Option("--alpha")] = 0.5,
         quick: Annotated[bool, typer.Option("--quick", help="tiny CI variant")] = False,
+        tasks: Annotated[
+            str, typer.Option("--tasks", help="comma-separated: cnn,transformer,gnn")
+        ] = ",".join(TASKS),
     ) -> None:
-        """Flower FedAvg vs leanfed sparse/FedDST: accuracy, bytes each way, round time."""
-        rows = run_bench(out, dataset, seed, clients, rounds, alpha, quick)
+        """Flower FedAvg vs leanfed sparse/FedDST per task: accuracy, bytes, client/round time."""
+        names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+        rows = run_bench(out, dataset, seed, clients, rounds, alpha, quick, tasks=names)
         for r in rows:
             console.print(
-                f"{r['strategy']:15s} {r['rule']:6s} d={r['density']:<4} {r['upload_dtype']}"
+                f"{r['task']:11s} {r['strategy']:15s} {r['rule']:7s} d={r['density']:<4}"
+                f" {r['upload_dtype']}"
                 f"  acc={r['final_accuracy']:.4f}  up={r['upload_bytes'] / 1e6:.2f}MB"
                 f"  down={r['download_bytes'] / 1e6:.2f}MB"
                 f"  med_round={r['median_round_wall_s']:.2f}s"

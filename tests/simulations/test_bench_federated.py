@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from simulations.bench_federated import accuracy_at_budget, run_bench
+from simulations.bench_federated import run_bench
+from simulations.federated_targets import accuracy_at_budget
 
 REQUIRED = {
     "strategy", "rule", "density", "rounds", "final_accuracy", "accuracy_per_round",
@@ -16,11 +18,12 @@ REQUIRED = {
 
 def test_quick_bench(tmp_path: Path) -> None:
     run_bench(tmp_path, dataset="digits", clients=4, rounds=2, quick=True, progress=False)
-    rows = json.loads((tmp_path / "results.json").read_text())
+    every = json.loads((tmp_path / "results.json").read_text())
+    assert [r["task"] for r in every] == ["cnn"] * 7 + ["transformer"] * 3 + ["gnn"] * 3
+    rows = [r for r in every if r["task"] == "cnn"]
     assert [r["strategy"] for r in rows][0] == "flower-fedavg"
     assert {r["rule"] for r in rows} == {"dense", "static", "rigl", "channel"}
-    assert {r["task"] for r in rows} == {"cnn"}
-    for r in rows:
+    for r in every:
         assert set(r) >= REQUIRED
         assert r["rounds"] == 2 and len(r["accuracy_per_round"]) == 2
         assert all(0.0 <= a <= 1.0 for a in r["accuracy_per_round"])
@@ -44,18 +47,46 @@ def test_quick_bench(tmp_path: Path) -> None:
         # density 0.1 must cost a fraction of the dense payload in both directions
         assert r["upload_bytes"] < 0.35 * dense["upload_bytes"]
         assert r["download_bytes"] < 0.35 * dense["download_bytes"]
-    assert (tmp_path / "accuracy_vs_round.png").stat().st_size > 0
-    assert (tmp_path / "accuracy_vs_upload.png").stat().st_size > 0
+    for prefix in ("", "transformer_", "gnn_"):
+        assert (tmp_path / f"{prefix}accuracy_vs_round.png").stat().st_size > 0
+        assert (tmp_path / f"{prefix}accuracy_vs_upload.png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["targets"]) == {
+    assert list(summary["targets"]) == ["cnn", "transformer", "gnn"]
+    assert set(summary["targets"]["cnn"]) == {
         "feddst-0.1-fp32",
         "feddst-0.1-fp16",
         "channel-0.5-masked",
         "channel-0.5-condensed",
         "channel-0.5-condensed-mixed0.25",
     }
-    mixed_t = summary["targets"]["channel-0.5-condensed-mixed0.25"]
+    for task in ("transformer", "gnn"):
+        check_task_rows(every, summary, task)
+    mixed_t = summary["targets"]["cnn"]["channel-0.5-condensed-mixed0.25"]
     assert set(mixed_t) >= {"client_train_ratio", "gap_vs_full_capacity_points", "upload_ratio"}
+
+
+def check_task_rows(every: list[dict[str, Any]], summary: dict[str, Any], task: str) -> None:
+    """Transformer/GNN: Flower dense FedAvg, FedDST RigL 0.1, condensed channel 0.5 (Adam)."""
+    dense, rigl, chan = (r for r in every if r["task"] == task)
+    assert (dense["strategy"], dense["rule"], dense["density"]) == ("flower-fedavg", "dense", 1.0)
+    assert (rigl["strategy"], rigl["rule"], rigl["density"]) == ("leanfed-feddst", "rigl", 0.1)
+    assert (chan["rule"], chan["density"], chan["condensed"]) == ("channel", 0.5, True)
+    assert {r["model"] for r in (dense, rigl, chan)} == {task}
+    assert {r["local_optimizer"] for r in (dense, rigl, chan)} == {"adam"}
+    assert rigl["upload_bytes"] < 0.35 * dense["upload_bytes"]
+    assert rigl["download_bytes"] < 0.35 * dense["download_bytes"]
+    # half the units (heads, MLP width, GCN channels) leave the sub-network both ways
+    assert chan["upload_bytes"] < dense["upload_bytes"]
+    assert chan["download_bytes"] < dense["download_bytes"]
+    t = summary["targets"][task]
+    assert set(t) == {"feddst-0.1-fp32", "channel-0.5-condensed"}
+    for key in t:
+        assert set(t[key]) >= {
+            "accuracy_gap_points", "client_train_ratio", "median_round_wall_ratio",
+            "upload_ratio", "download_ratio",
+        }
+        assert t[key]["client_train_ratio"] > 0
+    assert t["feddst-0.1-fp32"]["upload_ratio"] == rigl["upload_bytes"] / dense["upload_bytes"]
 
 
 def test_accuracy_at_budget_counts_cumulative_upload() -> None:
