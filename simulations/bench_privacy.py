@@ -8,6 +8,10 @@ packed masked vectors), ``round_wall_s`` (list), ``seed``; plus ``dropout``, the
 of nodes whose masked input is lost after key sharing every round (a timeout), and the
 ratios to the plaintext row of the same client count. Same harness as `bench federated`:
 MNIST-5k CNN, FedDST RigL at density 0.1 (readjust every 3 rounds, alpha 0.2).
+``--parts secagg,dp`` picks the halves (two commands can run them apart); ``--jobs N`` runs
+N arms side by side in spawn processes, each on one torch thread (`simulations.bench_jobs`),
+so the rows equal ``--jobs 1``'s except the timing fields (``round_wall_s``: arms side by
+side share the cores).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from rich.console import Console  # noqa: E402
 from client.app import app as client_app  # noqa: E402
 from server.runner import run_federated  # noqa: E402
 from simulations.bench_federated import base_config  # noqa: E402
+from simulations.bench_jobs import run_jobs  # noqa: E402
 from simulations.bench_privacy_dp import dp_rows, neighbours_for  # noqa: E402
 from simulations.grid import DropoutGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
 
 console = Console(stderr=True)
+PARTS = ("secagg", "dp")
 
 
 def arms(client_counts: list[int], dropout: float) -> list[tuple[str, int, float]]:
@@ -152,8 +158,13 @@ def run_bench(
     quick: bool = False,
     dataset: str = "mnist5k",
     local_steps: int | None = None,
-    include_dp: bool = False,
+    parts: tuple[str, ...] = ("secagg",),
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
+    """The rows of ``parts`` ("secagg": secure aggregation vs plaintext; "dp": DP arms)."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ValueError(f"--parts: expected a non-empty subset of {','.join(PARTS)}, got {parts}")
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet_flower()
     counts = client_counts or ([4] if quick else [10, 100])
@@ -165,19 +176,21 @@ def run_bench(
         base = base.replace(local_steps=local_steps)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for mode, clients, drop in arms(counts, dropout):
-        console.print(f"privacy bench: {mode} clients={clients} dropout={drop}")
-        rows.append(run_arm(arm_config(base, mode, clients), mode, drop))
-    add_ratios(rows)
+    if "secagg" in parts:
+        todo = [(arm_config(base, m, n), m, d) for m, n, d in arms(counts, dropout)]
+        rows = run_jobs(run_arm, todo, jobs, "privacy bench: secure-aggregation arm")
+        add_ratios(rows)
     secure_rows = list(rows)
-    if include_dp:  # accuracy vs epsilon, record- and client-level (bench_privacy_dp.py)
+    if "dp" in parts:  # accuracy vs epsilon, record- and client-level (bench_privacy_dp.py)
         console.print("privacy bench: differential-privacy arms")
-        dp = dp_rows(seed, quick)
+        dp = dp_rows(seed, quick, jobs=jobs)
         plot_dp(dp, out_dir / "accuracy_vs_epsilon.png")
         rows += dp
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     summary = {
         "command": "leanfed bench privacy",
+        "parts": list(parts),
+        "jobs": jobs,
         "wall_s": time.perf_counter() - t0,
         "targets": {
             f"secagg-{r['clients']}-dropout-{r['dropout']}": {
@@ -190,7 +203,8 @@ def run_bench(
         },
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot(secure_rows, out_dir / "upload_bytes.png")
+    if secure_rows:
+        plot(secure_rows, out_dir / "upload_bytes.png")
     return rows
 
 
@@ -207,10 +221,24 @@ def register(bench_app: typer.Typer) -> None:
         dataset: Annotated[str, typer.Option("--dataset")] = "mnist5k",
         local_steps: Annotated[int | None, typer.Option("--local-steps")] = None,
         quick: Annotated[bool, typer.Option("--quick", help="tiny CI variant")] = False,
-        dp: Annotated[bool, typer.Option("--dp/--no-dp", help="add the DP epsilon arms")] = True,
+        dp: Annotated[bool, typer.Option("--dp/--no-dp", help="--no-dp: as --parts secagg")] = True,
+        parts: Annotated[
+            str, typer.Option("--parts", help="comma-separated subset of secagg,dp")
+        ] = "secagg,dp",
+        jobs: Annotated[int, typer.Option("--jobs", help="arms side by side (processes)")] = 1,
     ) -> None:
         """Secure aggregation vs plaintext, and accuracy vs DP epsilon (sparse vs dense)."""
-        rows = run_bench(out, seed, clients, rounds, dropout, quick, dataset, local_steps, dp)
+        if jobs < 1:
+            raise typer.BadParameter("--jobs must be >= 1")
+        picked = tuple(p for p in (x.strip() for x in parts.split(",")) if p)
+        if not dp:
+            picked = tuple(p for p in picked if p != "dp")
+        try:
+            rows = run_bench(
+                out, seed, clients, rounds, dropout, quick, dataset, local_steps, picked, jobs
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
         for r in rows:
             if "dp_kind" in r:
                 eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:g}"

@@ -14,6 +14,10 @@ client-level one); the summed noise is sqrt(sampled / n_min) times the central a
 Rows use the issue's schema: mode, clients, density, epsilon, delta, final_accuracy,
 upload_bytes, download_bytes, round_wall_s, seed (plus the calibrated noise multiplier and
 the largest epsilon actually reported by the run).
+Every arm is seeded on its own and runs on ONE torch thread (`simulations.bench_jobs`), so
+its rows do not depend on the machine's core count nor on ``--jobs`` (arms side by side),
+except ``secagg+dp-client``'s accuracy: its noise comes from each client's OS entropy, never
+the run seed (the server knows the seed and could replay the noise), so it varies run to run.
 """
 
 from __future__ import annotations
@@ -23,13 +27,22 @@ from typing import Any
 
 from client.app import app as client_app
 from server.runner import build_strategy, run_federated
+from simulations.bench_jobs import run_jobs
 from simulations.grid import InProcessGrid
 from strategies.privacy.accountant import noise_multiplier_for
 from tasks.config import LeanfedConfig
 from tasks.datasets import load_dataset
 from tasks.partition import make_partition
 
-__all__ = ["DP_EPSILONS", "SECAGG_DP", "dp_arm_config", "dp_rows", "neighbours_for"]
+__all__ = [
+    "DP_EPSILONS",
+    "SECAGG_DP",
+    "dp_arm_config",
+    "dp_plan",
+    "dp_row",
+    "dp_rows",
+    "neighbours_for",
+]
 
 DP_EPSILONS = (1.0, 3.0, 8.0, math.inf)
 SECAGG_DP = "secagg+dp-client"  # client-level DP, noise from the clients, SecAgg+ sum
@@ -73,7 +86,8 @@ def dp_arm_config(base: LeanfedConfig, mode: str, eps: float, density: float) ->
     return cfg.replace(privacy_noise_multiplier=z)
 
 
-def _row(cfg: LeanfedConfig, mode: str, eps: float) -> dict[str, Any]:
+def dp_row(cfg: LeanfedConfig, mode: str, eps: float) -> dict[str, Any]:
+    """One DP arm's row (its run is seeded by ``cfg.seed`` alone)."""
     grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
     summary = run_federated(grid, cfg, strategy=build_strategy(cfg))
     rounds = summary.rounds
@@ -99,13 +113,13 @@ def _row(cfg: LeanfedConfig, mode: str, eps: float) -> dict[str, Any]:
     }
 
 
-def dp_rows(
+def dp_plan(
     seed: int = 0,
     quick: bool = False,
     epsilons: tuple[float, ...] = DP_EPSILONS,
     densities: tuple[float, ...] = (0.1, 1.0),
-) -> list[dict[str, Any]]:
-    """Record-level and client-level arms (see the module docstring)."""
+) -> list[tuple[LeanfedConfig, str, float]]:
+    """(config, kind, epsilon) of every record-level and client-level arm, in row order."""
     if quick:  # a CI-sized variant of the same arms
         record = LeanfedConfig(
             dataset="digits",
@@ -143,11 +157,22 @@ def dp_rows(
             num_server_rounds=10,
             privacy_clip=0.5,
         )
-    rows = []
+    plan = []
     for kind, base in (("record", record), ("client", client), (SECAGG_DP, client)):
         for density in densities:
             for eps in epsilons:
                 if kind == SECAGG_DP and (density >= 1.0 or math.isinf(eps)):
                     continue  # see the module docstring
-                rows.append(_row(dp_arm_config(base, kind, eps, density), kind, eps))
-    return rows
+                plan.append((dp_arm_config(base, kind, eps, density), kind, eps))
+    return plan
+
+
+def dp_rows(
+    seed: int = 0,
+    quick: bool = False,
+    epsilons: tuple[float, ...] = DP_EPSILONS,
+    densities: tuple[float, ...] = (0.1, 1.0),
+    jobs: int = 1,
+) -> list[dict[str, Any]]:
+    """Record-level and client-level arms (see the module docstring), ``jobs`` side by side."""
+    return run_jobs(dp_row, dp_plan(seed, quick, epsilons, densities), jobs)

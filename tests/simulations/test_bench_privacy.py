@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from simulations.bench_privacy import neighbours_for, run_bench
 
 REQUIRED = {
@@ -47,6 +49,29 @@ def test_quick_privacy_bench(tmp_path: Path) -> None:
     assert (tmp_path / "upload_bytes.png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["targets"]) == {"secagg-4-dropout-0.0", "secagg-4-dropout-0.3"}
+
+
+TIMING = {"round_wall_s"}  # arms side by side share the cores: only timing may differ
+
+
+def _untimed(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_jobs_two_equals_jobs_one(tmp_path: Path) -> None:
+    """Every arm is seeded on its own and runs on one torch thread, in process or not."""
+    one = run_bench(tmp_path / "1", seed=1, rounds=2, quick=True, dataset="digits")
+    two = run_bench(tmp_path / "2", seed=1, rounds=2, quick=True, dataset="digits", jobs=2)
+    assert len(one) == 3 and _untimed(two) == _untimed(one)
+    summary = json.loads((tmp_path / "2" / "summary.json").read_text())
+    assert summary["jobs"] == 2 and summary["parts"] == ["secagg"]
+
+
+def test_parts_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--parts"):
+        run_bench(tmp_path, quick=True, parts=("dp", "tls"))
+    with pytest.raises(ValueError, match="jobs"):
+        run_bench(tmp_path, quick=True, dataset="digits", rounds=1, jobs=0)
 
 
 def test_graph_degree_grows_with_log_n() -> None:
