@@ -10,6 +10,7 @@ so far. Client-level: q = clients per round / all clients, T = rounds so far.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from dp_accounting import dp_event, rdp
 
@@ -31,8 +32,13 @@ def _check(noise_multiplier: float, sample_rate: float, steps: int, delta: float
         raise PrivacyError(f"delta must be in (0, 1), got {delta}")
 
 
+@lru_cache(maxsize=4096)
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """epsilon(delta) after ``steps`` Poisson-subsampled Gaussian steps (RDP accountant)."""
+    """epsilon(delta) after ``steps`` Poisson-subsampled Gaussian steps (RDP accountant).
+
+    Cached (a pure function; ~80 ms a call): sites of equal size ask for the same value
+    every round, and calibration re-asks it for every arm sharing (q, T, delta).
+    """
     _check(noise_multiplier, sample_rate, steps, delta)
     if steps == 0:
         return 0.0

@@ -68,7 +68,8 @@ def privatize(
 ) -> dict[str, torch.Tensor]:
     """(sum_i clip_C(g_i * m) + N(0, (z C)^2) * m) / expected_batch, per parameter.
 
-    ``per_example``: {name: [B, *shape]} (B may be 0: the result is noise only);
+    ``per_example``: {name: [B, *shape]} (B may be 0: the result is noise only), this step's
+    scratch: its masked names are zeroed in place off the mask;
     ``shapes``: every parameter's shape (for B = 0); ``mask``: bool per sparsified name.
     """
     if not clip > 0 or not noise_multiplier >= 0 or expected_batch < 1:
@@ -76,17 +77,22 @@ def privatize(
             f"need clip > 0, noise >= 0, expected batch >= 1; got {clip}, {noise_multiplier}, "
             f"{expected_batch}"
         )
-    # 1 where the weight is kept (tensors without a mask entry are kept everywhere)
-    keep = {
-        n: (mask[n].float() if mask is not None and n in mask else torch.ones(s))
-        for n, s in shapes.items()
-    }
-    masked = {n: g * keep[n].to(g.dtype) for n, g in per_example.items()}
+    # Bit-for-bit the formula above, without a B-times-larger temporary per step: masked
+    # per-example tensors are masked in place (multiplying by 1 changes nothing, so unmasked
+    # names are left alone), and the squares go through one reused buffer (x * x == x.pow(2)).
+    keep = {n: mask[n].float() for n in shapes if mask is not None and n in mask}
+    masked = dict(per_example)
+    for n, g in masked.items():
+        if n in keep:
+            g.mul_(keep[n].to(g.dtype))  # [B, *shape]
     batch = next(iter(masked.values())).shape[0] if masked else 0
     if batch:
         sq = torch.zeros(batch)
+        scratch = torch.empty(max(g.numel() for g in masked.values()))
         for g in masked.values():
-            sq += g.reshape(batch, -1).pow(2).sum(dim=1)
+            flat = g.reshape(batch, -1)
+            squares = scratch[: flat.numel()].view(flat.shape)
+            sq += torch.mul(flat, flat, out=squares).sum(dim=1)
         factor = (clip / (sq.sqrt() + 1e-12)).clamp(max=1.0)  # [B]
     out: dict[str, torch.Tensor] = {}
     for n, shape in shapes.items():
@@ -96,6 +102,7 @@ def privatize(
             else torch.zeros(shape)
         )
         noise = torch.randn(shape, generator=generator) * (noise_multiplier * clip)
-        noise = noise * keep[n]  # noise only on the weights the mask keeps
+        if n in keep:
+            noise = noise * keep[n]  # noise only on the weights the mask keeps
         out[n] = (total + noise) / expected_batch
     return out
