@@ -26,13 +26,14 @@ import math
 from typing import Any
 
 from client.app import app as client_app
+from client.data import shared_dataset
 from server.runner import build_strategy, run_federated
 from simulations.bench_jobs import run_jobs
 from simulations.grid import InProcessGrid
 from strategies.privacy.accountant import noise_multiplier_for
 from tasks.config import LeanfedConfig
-from tasks.datasets import load_dataset
 from tasks.partition import make_partition
+from tasks.plugins import frozen_options
 
 __all__ = [
     "DP_EPSILONS",
@@ -54,7 +55,8 @@ def neighbours_for(clients: int) -> int:
 
 
 def _smallest_site(cfg: LeanfedConfig) -> int:
-    labels = load_dataset(cfg.dataset, cfg.seed).y_train
+    # the clients' per-process copy: mnist5k's CSV takes seconds to parse, once per arm before
+    labels = shared_dataset(cfg.dataset, cfg.seed, frozen_options(cfg, "dataset")).y_train
     part = make_partition(
         cfg.partition_scheme, labels, cfg.num_partitions, cfg.seed, cfg.partition_alpha
     )

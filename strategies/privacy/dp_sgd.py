@@ -25,6 +25,8 @@ from strategies.privacy.accountant import PrivacyError
 
 __all__ = ["per_example_grads", "poisson_batch", "privatize"]
 
+_CHUNK = 1 << 18  # numbers squared per call in privatize (1 MiB of float32: fits in L2)
+
 
 def poisson_batch(n: int, expected_batch: int, generator: torch.Generator) -> torch.Tensor:
     """Indices of a Poisson subsample: each of ``n`` examples kept with q = expected / n."""
@@ -88,11 +90,18 @@ def privatize(
     batch = next(iter(masked.values())).shape[0] if masked else 0
     if batch:
         sq = torch.zeros(batch)
-        scratch = torch.empty(max(g.numel() for g in masked.values()))
         for g in masked.values():
-            flat = g.reshape(batch, -1)
-            squares = scratch[: flat.numel()].view(flat.shape)
-            sq += torch.mul(flat, flat, out=squares).sum(dim=1)
+            flat = g.reshape(batch, -1)  # [B, P]
+            # Rows of at most ~_CHUNK numbers at a time through one small, cache-resident
+            # buffer: a row's sum is the same whichever rows share the call.
+            rows = max(1, _CHUNK // max(1, flat.shape[1]))
+            scratch = torch.empty(min(rows, batch) * flat.shape[1])
+            part = []
+            for r in range(0, batch, rows):
+                block = flat[r : r + rows]
+                squares = scratch[: block.numel()].view(block.shape)
+                part.append(torch.mul(block, block, out=squares).sum(dim=1))
+            sq += torch.cat(part)
         factor = (clip / (sq.sqrt() + 1e-12)).clamp(max=1.0)  # [B]
     out: dict[str, torch.Tensor] = {}
     for n, shape in shapes.items():
