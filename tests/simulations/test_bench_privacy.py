@@ -76,3 +76,16 @@ def test_parts_are_checked(tmp_path: Path) -> None:
 
 def test_graph_degree_grows_with_log_n() -> None:
     assert neighbours_for(10) == 0 and neighbours_for(100) == 20
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), [(["--parts", "dp,tls"], "--parts"), (["--jobs", "0"], "--jobs")]
+)
+def test_cli_refuses_bad_parts_and_jobs(tmp_path: Path, args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "privacy", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "results.json").exists()
