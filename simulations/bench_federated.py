@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -290,6 +291,9 @@ def run_bench(
         n = rounds if rounds is not None else (quick_rounds if quick else TASKS[t].rounds)
         base = base_config(dataset, seed, clients, n, alpha, quick, t)
         plan += [(arm, arm_config(arm, base)) for arm in arms(quick, t)]
+    # torch's first Adam imports torch._dynamo (~1-2 s, once per process): do it here, not
+    # inside the first Adam arm's first client, whose train_s and round wall it would inflate.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with Progress(console=console, disable=not progress) as bar:
