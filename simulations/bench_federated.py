@@ -61,8 +61,8 @@ class TaskSpec:
 # "cnn" is the dataset's own model (the MLP on breast_cancer). The transformer and GNN train
 # with Adam (SGD lr 0.1, momentum 0.9 left the GNN at chance after 2 rounds; 3-round probes
 # on 4 clients, seed 0: GNN Adam 3e-3 -> 0.34, 1e-2 -> 0.67; transformer 2e-3 -> 0.41,
-# 5e-3 -> 0.49) and 15 rounds: a GNN step costs
-# ~4x a CNN step, so that the whole bench stays near 15 minutes on an idle 2-core machine.
+# 5e-3 -> 0.49) and 15 rounds: a GNN step costs ~5x a CNN step (a transformer step ~2x),
+# so that the whole bench stays near 15 minutes on an idle 2-core machine.
 TASKS: dict[str, TaskSpec] = {
     "cnn": TaskSpec(30),
     "transformer": TaskSpec(15, "adam", 5e-3, 0.0),
