@@ -110,7 +110,7 @@ BENCH_COMMANDS: dict[str, LazySpec] = {
     ),
     "federated": LazySpec(
         "simulations.bench_federated",
-        "Flower FedAvg vs leanfed sparse/FedDST: accuracy, bytes each way, round time.",
+        "Flower FedAvg vs leanfed sparse/FedDST per task: accuracy, bytes, client/round time.",
     ),
     "continual": LazySpec(
         "simulations.bench_continual",
