@@ -198,7 +198,7 @@ class TestRunStoreContract:
         def bad_event(*_: Any, **__: Any) -> Event:
             return Event(run_id=run, round=2, kind=None, detail={})
 
-        monkeypatch.setattr(store_module, "_event_row", bad_event)
+        monkeypatch.setattr(store_module, "event_row", bad_event)
         with pytest.raises(StoreError):
             _round(store, run, 2)
         assert _counts(store) == before
