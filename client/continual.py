@@ -2,10 +2,9 @@
 
 One call of :func:`continual_round` is one federated round of a client whose data is a
 stream of experiences (Avalanche-style, Lomonaco et al. 2021). Between rounds everything
-the client remembers lives in Flower ``context.state`` (see :func:`load_state` /
-:func:`save_state`): the stream position, the river drift detectors, the regrowth-policy
-counter, a bounded reservoir replay buffer and the frozen-weight protection mask, a few
-KB plus the replay examples.
+the client remembers lives in Flower ``context.state`` (``client.cl_state``): the stream
+position, the river drift detectors, the regrowth-policy counter, a bounded reservoir
+replay buffer and the frozen-weight protection mask, a few KB plus the replay examples.
 
 Per round:
 
@@ -24,262 +23,48 @@ Per round:
    mask per client per round; a client that regrew sends its mask, which the server's
    consensus vote then takes in.
 
-Scenario streams are built by ``tasks.scenarios.make_scenario`` (the default; another
-factory can be installed with :func:`register_scenario_builder`); a deployed client
-reads its own ``FileStream``.
+Which stream a node trains on (its scenario share or its own ``FileStream``) is
+``client.streams``. Every name callers imported from this module is re-exported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from client.data import Options, shared_dataset
+from client.cl_state import (
+    ANCHOR_KEY,
+    REPLAY_KEY,
+    STATE_KEY,
+    ClientCLState,
+    current_experience,
+    load_state,
+    new_state,
+    save_state,
+)
 from client.local import RoundOutcome, readjust_fraction, round_controller
-from strategies.continual.drift import DriftConfig, DriftMonitor, DriftSignal
-from strategies.continual.policy import RegrowthPolicy, gradient_grow_scores, merge_budgets
+from client.streams import (
+    ScenarioBuilder,
+    ScenarioLike,
+    StreamData,
+    client_stream,
+    register_scenario_builder,
+    sync_boundaries,
+)
+from strategies.continual.drift import DriftSignal
+from strategies.continual.policy import gradient_grow_scores, merge_budgets
 from strategies.continual.protection import ProtectionMask
-from strategies.continual.replay import ReservoirBuffer
 from strategies.sparse.engine import DSTController
 from strategies.sparse.flops import train_flops
-from strategies.sparse.masks import Mask, pack_mask, unpack_mask
+from strategies.sparse.masks import Mask
 from tasks.config import LeanfedConfig
-from tasks.plugins import frozen_options
-from tasks.stream import ClientStream, Experience, FileStream, StreamError
+from tasks.stream import Experience, StreamError
 
-STATE_KEY = "leanfed.cl"  # ConfigRecord: stream, drift, policy, replay counters, frozen bits
-REPLAY_KEY = "leanfed.cl.replay"  # ArrayRecord: replay x [n, *shape], y [n] (n <= capacity)
-ANCHOR_KEY = "leanfed.cl.anchor"  # ArrayRecord: anchor values at frozen positions, 1-D per tensor
 SCORE_BATCHES = 1  # mini-batches of new data for RigL's dense-gradient grow scores
-
-
-class ScenarioLike(Protocol):
-    """What the client reads from ``tasks.scenarios.Scenario``."""
-
-    @property
-    def num_classes(self) -> int: ...
-    @property
-    def input_shape(self) -> tuple[int, ...]: ...
-    def stream(self, client: int) -> ClientStream: ...
-
-
-# make_scenario(name, num_clients, seed, *, rounds_per_task, async_max_delay, dataset=...)
-ScenarioBuilder = Callable[..., ScenarioLike]
-_builder: list[ScenarioBuilder] = []
-
-
-def register_scenario_builder(builder: ScenarioBuilder) -> None:
-    """Install the scenario factory (``tasks.scenarios.make_scenario``)."""
-    _builder[:] = [builder]
-    _scenario.cache_clear()
-
-
-@lru_cache(maxsize=4)
-def _scenario(
-    name: str,
-    num_clients: int,
-    seed: int,
-    rounds_per_task: int,
-    delay: int,
-    dataset: str,
-    data_options: Options = (),
-    options: Options = (),
-) -> ScenarioLike:
-    if not _builder:
-        from tasks.scenarios import make_scenario  # default: the shipped scenarios
-
-        _builder.append(make_scenario)
-    return _builder[0](
-        name,
-        num_clients,
-        seed,
-        rounds_per_task=rounds_per_task,
-        async_max_delay=delay,
-        data=shared_dataset(dataset, seed, data_options),
-        **dict(options),
-    )
-
-
-@dataclass(frozen=True)
-class StreamData:
-    """A node's stream and the task shape its model is built for."""
-
-    stream: ClientStream
-    num_classes: int
-    input_shape: tuple[int, ...]
-
-
-def sync_boundaries(cfg: LeanfedConfig, length: int) -> list[int]:
-    """Round in which experience t starts: 1 + t * cl.rounds-per-task."""
-    return [1 + t * cfg.cl_rounds_per_task for t in range(length)]
-
-
-def client_stream(cfg: LeanfedConfig, node_config: dict[str, Any]) -> StreamData:
-    """This node's stream: ``FileStream`` from node-config "stream-dir", else its scenario share.
-
-    A deployed node may pass "stream-boundaries" ("1,6,11": the round each experience
-    starts) and "num-classes"; by default experiences start every cl.rounds-per-task
-    rounds and the class count is that of the run's dataset.
-    """
-    if "stream-dir" in node_config:
-        probe = FileStream(str(node_config["stream-dir"]))
-        if "stream-boundaries" in node_config:
-            raw = str(node_config["stream-boundaries"])
-            try:
-                bounds = [int(b) for b in raw.split(",") if b.strip()]
-            except ValueError as err:
-                raise StreamError(f"stream-boundaries {raw!r}: expected '1,6,11'") from err
-        else:
-            bounds = sync_boundaries(cfg, len(probe))
-        stream = FileStream(str(node_config["stream-dir"]), boundaries=bounds)
-        first = stream.experience(0)
-        if "num-classes" in node_config:
-            num_classes = int(node_config["num-classes"])
-        else:
-            ds = shared_dataset(cfg.dataset, cfg.seed, frozen_options(cfg, "dataset"))
-            num_classes = int(ds.num_classes)
-        return StreamData(stream, num_classes, tuple(int(s) for s in first.x.shape[1:]))
-    if "partition-id" not in node_config:
-        raise ValueError("node_config needs 'partition-id' (simulation) or 'stream-dir' (deployed)")
-    pid = int(node_config["partition-id"])
-    n = int(node_config.get("num-partitions", cfg.num_partitions))
-    if not 0 <= pid < n:
-        raise ValueError(f"partition-id {pid} out of range for {n} partitions")
-    sc = _scenario(
-        cfg.cl_scenario,
-        n,
-        cfg.seed,
-        cfg.cl_rounds_per_task,
-        cfg.cl_async_max_delay,
-        cfg.dataset,
-        frozen_options(cfg, "dataset"),
-        frozen_options(cfg, "cl"),
-    )
-    return StreamData(sc.stream(pid), int(sc.num_classes), tuple(sc.input_shape))
-
-
-# -- state in context.state ------------------------------------------------------------
-
-
-@dataclass
-class ClientCLState:
-    """What a continual client carries from round to round."""
-
-    monitor: DriftMonitor
-    policy: RegrowthPolicy
-    replay: ReservoirBuffer
-    protection: ProtectionMask | None  # None until the first mask is known (dense: never)
-
-
-def new_state(cfg: LeanfedConfig, node_seed: int) -> ClientCLState:
-    drift = DriftConfig(
-        detector=cfg.cl_drift_detector,
-        grace_period=cfg.cl_drift_grace,
-        min_gap=cfg.cl_drift_min_gap,
-    )
-    return ClientCLState(
-        monitor=DriftMonitor(drift),
-        policy=RegrowthPolicy(
-            drift_fraction=cfg.cl_regrow_drift_fraction, task_fraction=cfg.cl_regrow_task_fraction
-        ),
-        replay=ReservoirBuffer(cfg.cl_replay_capacity, seed=node_seed % (2**63)),
-        protection=None,
-    )
-
-
-def load_state(
-    records: RecordDict, cfg: LeanfedConfig, stream: ClientStream, node_seed: int
-) -> ClientCLState:
-    """Restore stream position and CL state from ``context.state`` (fresh on the first round)."""
-    state = new_state(cfg, node_seed)
-    rec = records.config_records.get(STATE_KEY)
-    if rec is None:
-        return state
-    d = dict(rec)
-    stream.load_state_dict({"position": d["stream.position"], "length": d["stream.length"]})
-    state.monitor.load_state_dict(_sub(d, "drift."))
-    state.policy.load_state_dict(_sub(d, "policy."))
-    replay = _sub(d, "replay.")
-    arrays = records.array_records.get(REPLAY_KEY)
-    replay["x"] = arrays["x"].numpy() if arrays is not None else None
-    replay["y"] = arrays["y"].numpy() if arrays is not None else None
-    if replay["x"] is not None:
-        replay["x"], replay["y"] = torch.from_numpy(replay["x"]), torch.from_numpy(replay["y"])
-    state.replay.load_state_dict(replay)
-    names = [str(n) for n in d.get("protect.names", [])]  # type: ignore[union-attr]
-    if names:
-        frozen: Mask = {}
-        for n in names:
-            shape = tuple(int(s) for s in d[f"protect.shape:{n}"])  # type: ignore[union-attr]
-            frozen[n] = unpack_mask(bytes(d[f"protect.bits:{n}"]), shape)  # type: ignore[arg-type]
-        anchors = records.array_records.get(ANCHOR_KEY)
-        anchor: dict[str, torch.Tensor] = {}
-        for n, f in frozen.items():
-            full = torch.zeros(f.shape, dtype=torch.float32)
-            if anchors is not None and n in anchors:
-                full[f] = torch.from_numpy(anchors[n].numpy()).float()
-            anchor[n] = full
-        prot = ProtectionMask({n: f.shape for n, f in frozen.items()})
-        prot.load_state_dict(
-            {
-                "experiences": int(d["protect.experiences"]),  # type: ignore[arg-type]
-                "frozen": frozen,
-                "importance": {},
-                "anchor": anchor,
-            }
-        )
-        state.protection = prot
-    return state
-
-
-def save_state(records: RecordDict, stream: ClientStream, state: ClientCLState) -> None:
-    """Write the CL state to ``context.state``: one ConfigRecord and two small ArrayRecords.
-
-    Only the anchor values at frozen positions are kept (restore_frozen reads nothing
-    else), so the protection costs numel/8 bytes of bits plus 4 bytes per frozen weight.
-    """
-    rec = ConfigRecord()
-    rec["stream.position"] = stream.position
-    rec["stream.length"] = stream.length
-    for k, v in state.monitor.state_dict().items():
-        rec[f"drift.{k}"] = v
-    for k, v in state.policy.state_dict().items():
-        rec[f"policy.{k}"] = v
-    replay = state.replay.state_dict()
-    for k in ("version", "capacity", "seen", "rng"):
-        rec[f"replay.{k}"] = replay[k]
-    if replay["x"] is not None and len(replay["x"]) > 0:
-        records.array_records[REPLAY_KEY] = ArrayRecord(
-            {"x": replay["x"].contiguous(), "y": replay["y"].contiguous()}
-        )
-    else:
-        records.array_records.pop(REPLAY_KEY, None)
-    prot = state.protection
-    if prot is not None:
-        rec["protect.names"] = list(prot.frozen)
-        rec["protect.experiences"] = prot.experiences
-        anchors: dict[str, torch.Tensor] = {}
-        for n, f in prot.frozen.items():
-            rec[f"protect.shape:{n}"] = [int(s) for s in f.shape]
-            rec[f"protect.bits:{n}"] = pack_mask(f)
-            if n in prot.anchor:
-                anchors[n] = prot.anchor[n][f].contiguous()  # [frozen_count]
-        records.array_records[ANCHOR_KEY] = ArrayRecord(anchors)
-    records.config_records[STATE_KEY] = rec
-
-
-def _sub(d: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return {k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)}
-
-
-# -- the round ---------------------------------------------------------------------------
 
 
 def replay_share(batch_size: int, finished: int) -> int:
@@ -464,13 +249,6 @@ def continual_round(
     )
 
 
-def current_experience(data: StreamData, records: RecordDict) -> Experience:
-    """The experience this node is on (for local evaluation); the first before any training."""
-    rec = records.config_records.get(STATE_KEY)
-    position = int(rec["stream.position"]) if rec is not None else -1  # type: ignore[arg-type]
-    return data.stream.experience(max(0, position))
-
-
 def node_seed(cfg: LeanfedConfig, node_id: int) -> int:
     """Per-node seed folded into int64 range (real Flower node ids are 64-bit)."""
     return (cfg.seed * 1_000_003 + node_id * 7919) % (2**63)
@@ -480,13 +258,18 @@ __all__: Sequence[str] = (
     "ANCHOR_KEY",
     "REPLAY_KEY",
     "STATE_KEY",
+    "ClientCLState",
+    "ScenarioBuilder",
+    "ScenarioLike",
     "StreamData",
     "client_stream",
     "continual_round",
     "current_experience",
     "load_state",
+    "new_state",
     "node_seed",
     "register_scenario_builder",
     "replay_share",
     "save_state",
+    "sync_boundaries",
 )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-import client.continual as continual
+import client.streams as streams
 from client.app import app as client_app
 from client.continual import (
     REPLAY_KEY,
@@ -211,11 +211,11 @@ def test_deployed_client_reads_its_file_stream(tmp_path: Path) -> None:
 def test_shipped_scenarios_are_the_default_builder(monkeypatch) -> None:
     # flwr run / leanfed simulate register nothing: the ClientApp falls back to the
     # scenarios shipped in tasks/scenarios.py.
-    monkeypatch.setattr(continual, "_builder", [])
-    continual._scenario.cache_clear()
+    monkeypatch.setattr(streams, "_builder", [])
+    streams._scenario.cache_clear()
     stream = client_stream(TINY.replace(seed=99), {"partition-id": 0, "num-partitions": K})
     assert stream is not None
-    continual._scenario.cache_clear()
+    streams._scenario.cache_clear()
 
 
 @pytest.mark.parametrize(
