@@ -8,7 +8,9 @@ packed masked vectors), ``round_wall_s`` (list), ``seed``; plus ``dropout``, the
 of nodes whose masked input is lost after key sharing every round (a timeout), and the
 ratios to the plaintext row of the same client count. Same harness as `bench federated`:
 MNIST-5k CNN, FedDST RigL at density 0.1 (readjust every 3 rounds, alpha 0.2).
-``--parts secagg,dp`` picks the halves (two commands can run them apart); ``--jobs N`` runs
+``--parts secagg,dp`` picks the halves (two commands can run them apart), ``--dp-kinds``
+the DP arms (`bench_privacy_dp.KINDS`: record, client, secagg+dp-client, secagg+dp-record);
+``--jobs N`` runs
 N arms side by side in spawn processes, each on one torch thread (`simulations.bench_jobs`),
 so the rows equal ``--jobs 1``'s except the timing fields (``round_wall_s``: arms side by
 side share the cores).
@@ -32,7 +34,7 @@ from client.app import app as client_app  # noqa: E402
 from server.runner import run_federated  # noqa: E402
 from simulations.bench_federated import base_config  # noqa: E402
 from simulations.bench_jobs import run_jobs  # noqa: E402
-from simulations.bench_privacy_dp import dp_rows, neighbours_for  # noqa: E402
+from simulations.bench_privacy_dp import KINDS, dp_rows, neighbours_for  # noqa: E402
 from simulations.grid import DropoutGrid, quiet_flower  # noqa: E402
 from tasks.config import LeanfedConfig  # noqa: E402
 
@@ -129,14 +131,14 @@ def plot_dp(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     finite = [r["epsilon"] for r in rows if r["epsilon"] is not None] or [1.0]
     inf_x = max(finite) * 2
-    for kind in ("record", "client", "secagg+dp-client"):
+    for kind in KINDS:
         for density in sorted({r["density"] for r in rows}):
             arm = [r for r in rows if r["dp_kind"] == kind and r["density"] == density]
             if not arm:
                 continue
             xs = [inf_x if r["epsilon"] is None else r["epsilon"] for r in arm]
             ys = [100 * r["final_accuracy"] for r in arm]
-            name = kind if kind == "secagg+dp-client" else f"{kind}-level"
+            name = kind if kind.startswith("secagg") else f"{kind}-level"
             ax.plot(xs, ys, marker="o", label=f"{name}, density {density:g}")
     ax.set_xscale("log")
     ax.set(xlabel="epsilon (delta = 1e-5; right edge = no DP)", ylabel="final test accuracy (%)")
@@ -160,11 +162,14 @@ def run_bench(
     local_steps: int | None = None,
     parts: tuple[str, ...] = ("secagg",),
     jobs: int = 1,
+    dp_kinds: tuple[str, ...] = KINDS,
 ) -> list[dict[str, Any]]:
     """The rows of ``parts`` ("secagg": secure aggregation vs plaintext; "dp": DP arms)."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         raise ValueError(f"--parts: expected a non-empty subset of {','.join(PARTS)}, got {parts}")
+    if not dp_kinds or set(dp_kinds) - set(KINDS):
+        raise ValueError(f"--dp-kinds: expected a non-empty subset of {','.join(KINDS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet_flower()
     counts = client_counts or ([4] if quick else [10, 100])
@@ -183,13 +188,14 @@ def run_bench(
     secure_rows = list(rows)
     if "dp" in parts:  # accuracy vs epsilon, record- and client-level (bench_privacy_dp.py)
         console.print("privacy bench: differential-privacy arms")
-        dp = dp_rows(seed, quick, jobs=jobs)
+        dp = dp_rows(seed, quick, jobs=jobs, kinds=dp_kinds)
         plot_dp(dp, out_dir / "accuracy_vs_epsilon.png")
         rows += dp
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     summary = {
         "command": "leanfed bench privacy",
         "parts": list(parts),
+        "dp_kinds": list(dp_kinds) if "dp" in parts else [],
         "jobs": jobs,
         "wall_s": time.perf_counter() - t0,
         "targets": {
@@ -226,6 +232,9 @@ def register(bench_app: typer.Typer) -> None:
             str, typer.Option("--parts", help="comma-separated subset of secagg,dp")
         ] = "secagg,dp",
         jobs: Annotated[int, typer.Option("--jobs", help="arms side by side (processes)")] = 1,
+        dp_kinds: Annotated[
+            str, typer.Option("--dp-kinds", help=f"DP arms, a subset of {','.join(KINDS)}")
+        ] = ",".join(KINDS),
     ) -> None:
         """Secure aggregation vs plaintext, and accuracy vs DP epsilon (sparse vs dense)."""
         if jobs < 1:
@@ -233,9 +242,20 @@ def register(bench_app: typer.Typer) -> None:
         picked = tuple(p for p in (x.strip() for x in parts.split(",")) if p)
         if not dp:
             picked = tuple(p for p in picked if p != "dp")
+        kinds = tuple(k for k in (x.strip() for x in dp_kinds.split(",")) if k)
         try:
             rows = run_bench(
-                out, seed, clients, rounds, dropout, quick, dataset, local_steps, picked, jobs
+                out,
+                seed,
+                clients,
+                rounds,
+                dropout,
+                quick,
+                dataset,
+                local_steps,
+                picked,
+                jobs,
+                dp_kinds=kinds,
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc

@@ -42,6 +42,7 @@ from tasks.plugins import frozen_options
 __all__ = [
     "DP_EPSILONS",
     "SECAGG_DP",
+    "SECAGG_RECORD",
     "dp_arm_config",
     "dp_plan",
     "dp_row",
@@ -51,6 +52,9 @@ __all__ = [
 
 DP_EPSILONS = (1.0, 3.0, 8.0, math.inf)
 SECAGG_DP = "secagg+dp-client"  # client-level DP, noise from the clients, SecAgg+ sum
+SECAGG_RECORD = "secagg+dp-record"  # record-level DP (DP-SGD at each site), SecAgg+ sum
+KINDS = ("record", "client", SECAGG_DP, SECAGG_RECORD)
+SECURE_KINDS = {SECAGG_DP: "client", SECAGG_RECORD: "record"}  # kind -> its DP mode
 
 
 def neighbours_for(clients: int) -> int:
@@ -70,8 +74,8 @@ def _smallest_site(cfg: LeanfedConfig) -> int:
 def dp_arm_config(base: LeanfedConfig, mode: str, eps: float, density: float) -> LeanfedConfig:
     """The run config of one DP arm (z calibrated so the worst site/client meets ``eps``)."""
     dense = density >= 1.0
-    secure = mode == SECAGG_DP
-    mode = "client" if secure else mode
+    secure = mode in SECURE_KINDS
+    mode = SECURE_KINDS.get(mode, mode)
     cfg = base.replace(
         dst_rule="dense" if dense else base.dst_rule,
         dst_density=1.0 if dense else density,
@@ -99,8 +103,12 @@ def dp_row(cfg: LeanfedConfig, mode: str, eps: float) -> dict[str, Any]:
     rounds = summary.rounds
     reported = [r.metrics["dp_epsilon"] for r in rounds if "dp_epsilon" in r.metrics]
     private = not math.isinf(eps)
+    if private:
+        name = mode if mode in SECURE_KINDS else f"dp-{mode}"
+    else:
+        name = "secagg" if mode in SECURE_KINDS else "plain"
     return {
-        "mode": (mode if mode == SECAGG_DP else f"dp-{mode}") if private else "plain",
+        "mode": name,
         "clients": cfg.num_partitions,
         "density": cfg.dst_density,
         "epsilon": eps if private else None,
@@ -124,8 +132,12 @@ def dp_plan(
     quick: bool = False,
     epsilons: tuple[float, ...] = DP_EPSILONS,
     densities: tuple[float, ...] = (0.1, 1.0),
+    kinds: tuple[str, ...] = KINDS,
 ) -> list[tuple[LeanfedConfig, str, float]]:
-    """(config, kind, epsilon) of every record-level and client-level arm, in row order."""
+    """(config, kind, epsilon) of every arm of ``kinds`` (default: all), in row order."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"--dp-kinds: expected a non-empty subset of {','.join(KINDS)}")
     if quick:  # a CI-sized variant of the same arms
         record = LeanfedConfig(
             dataset="digits",
@@ -169,11 +181,15 @@ def dp_plan(
             privacy_clip=2.0,  # at 0.5: 16.7 % at epsilon 8, 2.0: 60.9 % (sparse, seed 0)
         )
     plan = []
-    for kind, base in (("record", record), ("client", client), (SECAGG_DP, client)):
+    bases = {"record": record, "client": client, SECAGG_DP: client, SECAGG_RECORD: record}
+    for kind in (k for k in KINDS if k in kinds):
+        base = bases[kind]
         for density in densities:
             for eps in epsilons:
-                if kind == SECAGG_DP and (density >= 1.0 or math.isinf(eps)):
+                if kind in SECURE_KINDS and density >= 1.0:
                     continue  # see the module docstring
+                if kind == SECAGG_DP and math.isinf(eps):
+                    continue  # its epsilon = inf row is the client-level one
                 plan.append((dp_arm_config(base, kind, eps, density), kind, eps))
     return plan
 
@@ -184,6 +200,7 @@ def dp_rows(
     epsilons: tuple[float, ...] = DP_EPSILONS,
     densities: tuple[float, ...] = (0.1, 1.0),
     jobs: int = 1,
+    kinds: tuple[str, ...] = KINDS,
 ) -> list[dict[str, Any]]:
-    """Record-level and client-level arms (see the module docstring), ``jobs`` side by side."""
-    return run_jobs(dp_row, dp_plan(seed, quick, epsilons, densities), jobs)
+    """The arms of ``kinds`` (see the module docstring), ``jobs`` side by side."""
+    return run_jobs(dp_row, dp_plan(seed, quick, epsilons, densities, kinds), jobs)

@@ -9,24 +9,10 @@ import pytest
 
 from simulations.bench_privacy import neighbours_for, run_bench
 
-REQUIRED = {
-    "mode",
-    "clients",
-    "density",
-    "epsilon",
-    "delta",
-    "final_accuracy",
-    "upload_bytes",
-    "download_bytes",
-    "round_wall_s",
-    "seed",
-    "dropout",
-    "upload_ratio",
-    "aborted_rounds",
-}
+SECURE_KEYS = {"dropout", "upload_ratio", "aborted_rounds"}  # beyond the schema
 
 
-def test_quick_privacy_bench(tmp_path: Path) -> None:
+def test_quick_privacy_bench(tmp_path: Path, privacy_row_keys: frozenset[str]) -> None:
     rows = run_bench(tmp_path, seed=1, rounds=2, quick=True, dataset="digits")
     assert rows == json.loads((tmp_path / "results.json").read_text())
     assert [(r["mode"], r["clients"], r["dropout"]) for r in rows] == [
@@ -35,7 +21,7 @@ def test_quick_privacy_bench(tmp_path: Path) -> None:
         ("secagg", 4, 0.3),
     ]
     for r in rows:
-        assert set(r) >= REQUIRED
+        assert set(r) >= privacy_row_keys | SECURE_KEYS
         assert r["epsilon"] is None and r["delta"] is None and r["seed"] == 1
         assert r["density"] == 0.1 and len(r["round_wall_s"]) == 2
         assert 0.0 <= r["final_accuracy"] <= 1.0
@@ -70,6 +56,8 @@ def test_jobs_two_equals_jobs_one(tmp_path: Path) -> None:
 def test_parts_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--parts"):
         run_bench(tmp_path, quick=True, parts=("dp", "tls"))
+    with pytest.raises(ValueError, match="--dp-kinds"):
+        run_bench(tmp_path, quick=True, parts=("dp",), dp_kinds=())
     with pytest.raises(ValueError, match="jobs"):
         run_bench(tmp_path, quick=True, dataset="digits", rounds=1, jobs=0)
 
@@ -79,7 +67,12 @@ def test_graph_degree_grows_with_log_n() -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"), [(["--parts", "dp,tls"], "--parts"), (["--jobs", "0"], "--jobs")]
+    ("args", "message"),
+    [
+        (["--parts", "dp,tls"], "--parts"),
+        (["--jobs", "0"], "--jobs"),
+        (["--dp-kinds", "record,tls"], "--dp-kinds"),
+    ],
 )
 def test_cli_refuses_bad_parts_and_jobs(tmp_path: Path, args: list[str], message: str) -> None:
     from typer.testing import CliRunner

@@ -2,22 +2,16 @@
 
 import math
 
-from simulations.bench_privacy_dp import dp_arm_config, dp_rows
-from strategies.privacy.accountant import epsilon
-from tasks.config import LeanfedConfig
+import pytest
+import torch
 
-KEYS = {
-    "mode",
-    "clients",
-    "density",
-    "epsilon",
-    "delta",
-    "final_accuracy",
-    "upload_bytes",
-    "download_bytes",
-    "round_wall_s",
-    "seed",
-}
+from client.app import app as client_app
+from server.runner import run_federated
+from simulations.bench_privacy_dp import SECAGG_RECORD, dp_arm_config, dp_plan, dp_rows
+from simulations.grid import InProcessGrid, quiet_flower
+from strategies.privacy.accountant import epsilon
+from strategies.secure.ring import error_bound
+from tasks.config import LeanfedConfig
 
 
 def test_noise_is_calibrated_for_the_worst_site() -> None:
@@ -48,7 +42,9 @@ def _seeded(row: dict[str, object]) -> dict[str, object]:
     return {k: v for k, v in row.items() if k not in drop}
 
 
-def test_quick_dp_rows_have_the_schema_and_meet_their_epsilon() -> None:
+def test_quick_dp_rows_have_the_schema_and_meet_their_epsilon(
+    privacy_row_keys: frozenset[str],
+) -> None:
     rows = dp_rows(seed=0, quick=True, epsilons=(3.0, math.inf), densities=(0.1,))
     # side by side (spawn processes, one torch thread each): the same rows but for timing
     side = dp_rows(seed=0, quick=True, epsilons=(3.0, math.inf), densities=(0.1,), jobs=2)
@@ -59,10 +55,13 @@ def test_quick_dp_rows_have_the_schema_and_meet_their_epsilon() -> None:
         ("dp-client", 3.0),
         ("plain", None),
         ("secagg+dp-client", 3.0),  # sparse, finite epsilon only
+        ("secagg+dp-record", 3.0),  # sparse only
+        ("secagg", None),  # the record-level settings without DP, under SecAgg+
     ]
     for r in rows:
-        assert set(r) >= KEYS
+        assert set(r) >= privacy_row_keys
         assert 0.0 <= r["final_accuracy"] <= 1.0 and len(r["round_wall_s"]) == 2
+        assert all(math.isfinite(t) and t > 0 for t in r["round_wall_s"])
         if r["epsilon"] is not None:
             assert r["reported_epsilon_max"] is not None
             assert r["reported_epsilon_max"] <= r["epsilon"] * 1.01
@@ -75,6 +74,42 @@ def test_quick_dp_rows_have_the_schema_and_meet_their_epsilon() -> None:
     assert (
         distributed["upload_bytes"] > 0 and distributed["upload_bytes"] != central["upload_bytes"]
     )
+    record, record_inf, secure, secure_inf = rows[0], rows[1], rows[5], rows[6]
+    # record-level DP under SecAgg+: the same seeded DP-SGD noise and the same sites, so the
+    # same sites' epsilons, and the result differs from plaintext only by the quantization
+    # of the secure sum (far below one test example's share of the accuracy)
+    assert secure["dp_kind"] == secure_inf["dp_kind"] == SECAGG_RECORD
+    assert (secure["clients"], secure["density"], secure["delta"]) == (4, 0.1, 1e-5)
+    assert secure["noise_multiplier"] == record["noise_multiplier"]
+    assert secure["reported_epsilon_max"] == record["reported_epsilon_max"]
+    assert secure["aborted_rounds"] == secure_inf["aborted_rounds"] == 0
+    for a, b in ((secure, record), (secure_inf, record_inf)):
+        assert a["accuracy_per_round"] == pytest.approx(b["accuracy_per_round"], abs=1e-9)
+        assert a["upload_bytes"] > 0 and a["upload_bytes"] != b["upload_bytes"]
+
+
+def test_secagg_record_round_equals_plaintext_dp_record_within_quantization() -> None:
+    """One round of the quick arms: the global models differ by at most the secure sum's
+    quantization error (the DP-SGD noise is seeded per site and round: the same in both)."""
+    quiet_flower()
+    plan = dp_plan(0, True, (3.0,), (0.1,), ("record", SECAGG_RECORD))
+    states = []
+    for cfg, _, _ in plan:
+        cfg = cfg.replace(num_server_rounds=1)
+        grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
+        summary = run_federated(grid, cfg)
+        assert summary.final_state is not None
+        states.append(summary.final_state)
+    plain, secure = states
+    secure_cfg = plan[1][0]
+    bound = error_bound(secure_cfg.secure_clip, secure_cfg.secure_quant_bits)
+    worst = max(float(torch.max(torch.abs(secure[k] - plain[k]))) for k in plain)
+    assert 0 < worst <= bound + 1e-6  # > 0: the secure sum really quantized
+
+
+def test_unknown_dp_kinds_are_refused() -> None:
+    with pytest.raises(ValueError, match="--dp-kinds"):
+        dp_plan(0, True, kinds=("record", "tls"))
 
 
 def test_secagg_dp_arm_config() -> None:
