@@ -14,202 +14,52 @@ scenarios for continual learning") and Avalanche's benchmark generators:
   experience ``shift_from`` on, a seeded covariate shift (per-feature scale and offset)
   hits half of the features: a new scanner / lab protocol mid-stream.
 
-Each task's training pool is split over the K clients by a seeded permutation of its
-indices (``np.array_split``: sizes differ by at most one). Clients reach task boundaries
-in round ``boundary_round(client, task)``: all at once by default, or with seeded
-per-client delays (``with_async_arrival``). Transforms run lazily when a client's stream
-materialises an experience, so a client never holds more than its current experience.
+The split over clients, the task boundaries and the ``Scenario`` record itself are
+``tasks.scenario_base``; every name callers imported from this module is re-exported.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from strategies.plugins import PluginError, Registry, check_options, option_kwargs
-from tasks.stream import ClientStream, Experience
+from tasks.scenario_base import (
+    DatasetLike,
+    Scenario,
+    Transform,
+    async_boundaries,
+    build_scenario,
+    load_data,
+    split_indices,
+    sync_boundaries,
+)
 
-
-class DatasetLike(Protocol):
-    """The fields of ``tasks.datasets.Dataset`` a scenario reads."""
-
-    @property
-    def x_train(self) -> np.ndarray: ...
-    @property
-    def y_train(self) -> np.ndarray: ...
-    @property
-    def x_test(self) -> np.ndarray: ...
-    @property
-    def y_test(self) -> np.ndarray: ...
-    @property
-    def num_classes(self) -> int: ...
-    @property
-    def input_shape(self) -> tuple[int, ...]: ...
-
-
-Transform = Callable[[int, np.ndarray], np.ndarray]  # (task, x [N, *shape]) -> x' same shape
-
-
-def _load(name: str, seed: int) -> DatasetLike:
-    # Imported lazily: tasks.datasets loads data files; tests inject small arrays instead.
-    from tasks.datasets import load_dataset
-
-    return load_dataset(name, seed=seed)
-
-
-def _identity(task: int, x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def split_indices(pool: np.ndarray, num_clients: int, seed: int, task: int) -> list[np.ndarray]:
-    """Seeded split of one task's pool over clients: sorted index arrays, sizes differ by <= 1."""
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if len(pool) < num_clients:
-        raise ValueError(f"task {task} has {len(pool)} examples, fewer than {num_clients} clients")
-    perm = np.random.default_rng([seed, task]).permutation(pool)
-    return [np.sort(p) for p in np.array_split(perm, num_clients)]
-
-
-def sync_boundaries(num_clients: int, num_tasks: int, rounds_per_task: int) -> np.ndarray:
-    """[K, T] rounds (1-based): every client starts task t in round 1 + t * rounds_per_task."""
-    if rounds_per_task < 1:
-        raise ValueError(f"rounds_per_task must be >= 1, got {rounds_per_task}")
-    row = 1 + rounds_per_task * np.arange(num_tasks, dtype=np.int64)
-    return np.tile(row, (num_clients, 1))
-
-
-def async_boundaries(
-    num_clients: int, num_tasks: int, rounds_per_task: int, max_delay: int, seed: int
-) -> np.ndarray:
-    """[K, T] rounds with a seeded delay d[k, t] ~ U{0..max_delay} per client and task >= 1.
-
-    boundary[k, t] = 1 + t * rounds_per_task + d[k, t]; task 0 starts in round 1 for all.
-    max_delay < rounds_per_task keeps every client's boundaries strictly increasing.
-    """
-    if not 0 <= max_delay < rounds_per_task:
-        raise ValueError(
-            f"max_delay must be in [0, rounds_per_task={rounds_per_task}), got {max_delay}"
-        )
-    base = sync_boundaries(num_clients, num_tasks, rounds_per_task)
-    delay = np.random.default_rng([seed, 0xA5]).integers(
-        0, max_delay + 1, size=(num_clients, num_tasks)
-    )
-    delay[:, 0] = 0
-    return base + delay
-
-
-@dataclass(frozen=True, eq=False)
-class Scenario:
-    """Per-task data pools split over clients, lazy transforms, per-task test sets."""
-
-    name: str
-    setting: str  # "class-incremental" | "domain-incremental"
-    data: DatasetLike
-    task_classes: tuple[tuple[int, ...], ...]  # [T] classes of each task
-    train_pools: tuple[np.ndarray, ...]  # [T] indices into data.x_train
-    test_pools: tuple[np.ndarray, ...]  # [T] indices into data.x_test
-    client_indices: tuple[tuple[np.ndarray, ...], ...]  # [K][T] indices into data.x_train
-    boundaries: np.ndarray  # [K, T] round in which client k starts task t
-    transform: Transform = _identity
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.task_classes)
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.client_indices)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.data.num_classes)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.data.input_shape)
-
-    def boundary_round(self, client: int, task: int) -> int:
-        """Server round in which ``client`` starts experience ``task``."""
-        self._check(client, task)
-        return int(self.boundaries[client, task])
-
-    def _check(self, client: int, task: int) -> None:
-        if not 0 <= client < self.num_clients:
-            raise IndexError(f"client {client} outside {self.num_clients} clients")
-        if not 0 <= task < self.num_tasks:
-            raise IndexError(f"task {task} outside {self.num_tasks} tasks")
-
-    def _materialise(self, task: int, x: np.ndarray, y: np.ndarray) -> Experience:
-        xt = self.transform(task, x).astype(np.float32, copy=False)
-        return Experience(
-            task_id=task,
-            x=torch.from_numpy(np.ascontiguousarray(xt)),
-            y=torch.from_numpy(y.astype(np.int64)),
-            classes=self.task_classes[task],
-        )
-
-    def client_experience(self, client: int, task: int) -> Experience:
-        """Client ``client``'s share of task ``task`` (transform applied)."""
-        self._check(client, task)
-        ix = self.client_indices[client][task]
-        return self._materialise(task, self.data.x_train[ix], self.data.y_train[ix])
-
-    def stream(self, client: int) -> ClientStream:
-        """The lazy stream of one client, with its round boundaries."""
-        self._check(client, 0)
-        return ClientStream(
-            lambda t: self.client_experience(client, t),
-            self.num_tasks,
-            boundaries=[int(b) for b in self.boundaries[client]],
-        )
-
-    def streams(self) -> list[ClientStream]:
-        return [self.stream(k) for k in range(self.num_clients)]
-
-    def test_set(self, task: int) -> Experience:
-        """Task ``task``'s test set, for column ``task`` of the accuracy matrix."""
-        self._check(0, task)
-        ix = self.test_pools[task]
-        return self._materialise(task, self.data.x_test[ix], self.data.y_test[ix])
-
-    def with_async_arrival(self, rounds_per_task: int, max_delay: int, seed: int) -> Scenario:
-        """Same data; clients reach boundaries with seeded per-client delays."""
-        b = async_boundaries(self.num_clients, self.num_tasks, rounds_per_task, max_delay, seed)
-        return replace(self, boundaries=b)
-
-
-def _build(
-    name: str,
-    setting: str,
-    data: DatasetLike,
-    task_classes: Sequence[Sequence[int]],
-    train_pools: Sequence[np.ndarray],
-    test_pools: Sequence[np.ndarray],
-    num_clients: int,
-    seed: int,
-    rounds_per_task: int,
-    transform: Transform = _identity,
-) -> Scenario:
-    per_task = [split_indices(p, num_clients, seed, t) for t, p in enumerate(train_pools)]
-    clients = tuple(tuple(per_task[t][k] for t in range(len(per_task))) for k in range(num_clients))
-    return Scenario(
-        name=name,
-        setting=setting,
-        data=data,
-        task_classes=tuple(tuple(int(c) for c in cs) for cs in task_classes),
-        train_pools=tuple(train_pools),
-        test_pools=tuple(test_pools),
-        client_indices=clients,
-        boundaries=sync_boundaries(num_clients, len(task_classes), rounds_per_task),
-        transform=transform,
-    )
+__all__ = [
+    "SCENARIOS",
+    "SCENARIO_REGISTRY",
+    "CovariateShift",
+    "DatasetLike",
+    "Scenario",
+    "ScenarioFactory",
+    "Transform",
+    "async_boundaries",
+    "hospital_stream",
+    "make_covariate_shift",
+    "make_scenario",
+    "permuted_mnist",
+    "pixel_permutations",
+    "rotate_images",
+    "rotated_mnist",
+    "split_indices",
+    "split_mnist",
+    "sync_boundaries",
+]
 
 
 # -- class-incremental -----------------------------------------------------------------
@@ -225,7 +75,7 @@ def split_mnist(
     data: DatasetLike | None = None,
 ) -> Scenario:
     """Class-incremental: task t holds exactly the examples whose label is in task_classes[t]."""
-    data = _load(dataset, seed) if data is None else data
+    data = load_data(dataset, seed) if data is None else data
     flat = [c for cs in task_classes for c in cs]
     if len(set(flat)) != len(flat):
         raise ValueError(f"task_classes must be disjoint, got {task_classes}")
@@ -233,7 +83,7 @@ def split_mnist(
         raise ValueError(f"task_classes {task_classes} outside 0..{data.num_classes - 1}")
     train = [np.flatnonzero(np.isin(data.y_train, cs)) for cs in task_classes]
     test = [np.flatnonzero(np.isin(data.y_test, cs)) for cs in task_classes]
-    return _build(
+    return build_scenario(
         "split-mnist",
         "class-incremental",
         data,
@@ -275,7 +125,7 @@ def permuted_mnist(
     """Domain-incremental: every task uses all images, task t permutes pixels with perms[t]."""
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-    data = _load(dataset, seed) if data is None else data
+    data = load_data(dataset, seed) if data is None else data
     shape = tuple(data.input_shape)
     perms = pixel_permutations(math.prod(shape), num_tasks, seed)
 
@@ -285,7 +135,7 @@ def permuted_mnist(
 
     train = [np.arange(len(data.y_train))] * num_tasks
     test = [np.arange(len(data.y_test))] * num_tasks
-    return _build(
+    return build_scenario(
         "permuted-mnist",
         "domain-incremental",
         data,
@@ -331,7 +181,7 @@ def rotated_mnist(
     """Domain-incremental: task t shows every image rotated by angles[t] degrees."""
     if not angles:
         raise ValueError("rotated_mnist needs at least one angle")
-    data = _load(dataset, seed) if data is None else data
+    data = load_data(dataset, seed) if data is None else data
     if len(tuple(data.input_shape)) != 3:
         raise ValueError(f"rotated_mnist needs image inputs (C, H, W), got {data.input_shape}")
     angle_list = [float(a) for a in angles]
@@ -342,7 +192,7 @@ def rotated_mnist(
     n = len(angle_list)
     train = [np.arange(len(data.y_train))] * n
     test = [np.arange(len(data.y_test))] * n
-    return _build(
+    return build_scenario(
         "rotated-mnist",
         "domain-incremental",
         data,
@@ -410,7 +260,7 @@ def hospital_stream(
         raise ValueError(f"num_experiences must be >= 1, got {num_experiences}")
     if not 0 <= shift_from <= num_experiences:
         raise ValueError(f"shift_from must be in [0, {num_experiences}], got {shift_from}")
-    data = _load(dataset, seed) if data is None else data
+    data = load_data(dataset, seed) if data is None else data
     if len(tuple(data.input_shape)) != 1:
         raise ValueError(f"hospital_stream needs tabular inputs (F,), got {data.input_shape}")
     shift = make_covariate_shift(
@@ -419,7 +269,7 @@ def hospital_stream(
     order = np.random.default_rng([seed, 0x40]).permutation(len(data.y_train))
     train = [np.sort(c) for c in np.array_split(order, num_experiences)]
     test = [np.arange(len(data.y_test))] * num_experiences
-    return _build(
+    return build_scenario(
         "hospital",
         "domain-incremental",
         data,
