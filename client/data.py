@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from tasks.config import LeanfedConfig
-from tasks.datasets import Dataset, load_dataset
+from tasks.datasets import Dataset, hold_out_validation, load_dataset
 from tasks.partition import make_partition
 from tasks.plugins import frozen_options, site_options
 
@@ -28,13 +28,16 @@ Options = tuple[tuple[str, bool | int | float | str], ...]
 
 
 @lru_cache(maxsize=4)
-def _dataset(name: str, seed: int, options: Options = ()) -> Dataset:
+def _dataset(name: str, seed: int, options: Options = (), validation: int = 0) -> Dataset:
+    if validation:  # the server's split (tasks.plugins.run_dataset): same arrays, same seed
+        return hold_out_validation(_dataset(name, seed, options), validation, seed)
     return load_dataset(name, seed=seed, options=dict(options))
 
 
-def shared_dataset(name: str, seed: int, options: Options = ()) -> Dataset:
-    """The dataset, parsed once per process (mnist5k's CSV takes seconds to parse)."""
-    return _dataset(name, seed, options)
+def shared_dataset(name: str, seed: int, options: Options = (), validation: int = 0) -> Dataset:
+    """The dataset, parsed once per process (mnist5k's CSV takes seconds to parse); with
+    ``validation`` > 0 its training set lacks the held-out validation examples."""
+    return _dataset(name, seed, options, validation)
 
 
 @lru_cache(maxsize=4)
@@ -47,8 +50,9 @@ def _partition_indices(
     alpha: float,
     shards: int,
     size: int,
+    validation: int = 0,
 ) -> tuple[np.ndarray, ...]:
-    ds = _dataset(name, seed, options)
+    ds = _dataset(name, seed, options, validation)
     part = make_partition(scheme, ds.y_train, num_partitions, seed, alpha, shards, size)
     return part.indices
 
@@ -75,7 +79,7 @@ def local_data(cfg: LeanfedConfig, node_config: dict[str, bool | float | int | s
         if not 0 <= pid < n:
             raise ValueError(f"partition-id {pid} out of range for {n} partitions")
         options = frozen_options(cfg, "dataset")
-        ds = _dataset(cfg.dataset, cfg.seed, options)
+        ds = _dataset(cfg.dataset, cfg.seed, options, cfg.validation_size)
         ix = _partition_indices(
             cfg.dataset,
             cfg.seed,
@@ -85,6 +89,7 @@ def local_data(cfg: LeanfedConfig, node_config: dict[str, bool | float | int | s
             cfg.partition_alpha,
             cfg.partition_shards,
             cfg.partition_sample_size,
+            cfg.validation_size,
         )[pid]
         x, y = ds.x_train[ix], ds.y_train[ix]
     return LocalData(

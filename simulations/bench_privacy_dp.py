@@ -48,6 +48,7 @@ __all__ = [
     "dp_row",
     "dp_rows",
     "neighbours_for",
+    "record_base",
 ]
 
 DP_EPSILONS = (1.0, 3.0, 8.0, math.inf)
@@ -64,7 +65,8 @@ def neighbours_for(clients: int) -> int:
 
 def _smallest_site(cfg: LeanfedConfig) -> int:
     # the clients' per-process copy: mnist5k's CSV takes seconds to parse, once per arm before
-    labels = shared_dataset(cfg.dataset, cfg.seed, frozen_options(cfg, "dataset")).y_train
+    options = frozen_options(cfg, "dataset")
+    labels = shared_dataset(cfg.dataset, cfg.seed, options, cfg.validation_size).y_train
     part = make_partition(
         cfg.partition_scheme, labels, cfg.num_partitions, cfg.seed, cfg.partition_alpha
     )
@@ -153,24 +155,7 @@ def dp_plan(
         )
         client = record.replace(num_partitions=8, fraction_train=0.5, min_train_nodes=4)
     else:
-        record = LeanfedConfig(
-            dataset="mnist5k",
-            model="cnn",
-            num_partitions=20,
-            num_server_rounds=20,
-            fraction_train=0.5,
-            min_train_nodes=10,
-            local_steps=10,
-            local_batch_size=32,
-            local_lr=0.1,
-            privacy_clip=2.0,  # epsilon 8, sparse, seed 0: clip 1 76.3 %, 2 79.4 %, 4 74.6 %
-            partition_scheme="iid",
-            # first conv (144 weights) and classifier (1,280) dense: sparse at 0.1 (ERK), the
-            # net sat at chance for about 5 rounds (measured under load, seed 0, 10 rounds:
-            # non-private 70.6 % -> 83.6 %); RigL (Evci et al. 2020) keeps the first layer dense
-            dst_exclude="conv1.weight,fc2.weight",
-            seed=seed,
-        )
+        record = record_base(seed)
         client = record.replace(
             num_partitions=1000,
             fraction_train=0.1,
@@ -192,6 +177,28 @@ def dp_plan(
                     continue  # its epsilon = inf row is the client-level one
                 plan.append((dp_arm_config(base, kind, eps, density), kind, eps))
     return plan
+
+
+def record_base(seed: int = 0) -> LeanfedConfig:
+    """The record-level arms' run config before density/DP (also the client-level base)."""
+    return LeanfedConfig(
+        dataset="mnist5k",
+        model="cnn",
+        num_partitions=20,
+        num_server_rounds=20,
+        fraction_train=0.5,
+        min_train_nodes=10,
+        local_steps=10,
+        local_batch_size=32,
+        local_lr=0.1,
+        privacy_clip=2.0,  # epsilon 8, sparse, seed 0: clip 1 76.3 %, 2 79.4 %, 4 74.6 %
+        partition_scheme="iid",
+        # first conv (144 weights) and classifier (1,280) dense: sparse at 0.1 (ERK), the
+        # net sat at chance for about 5 rounds (measured under load, seed 0, 10 rounds:
+        # non-private 70.6 % -> 83.6 %); RigL (Evci et al. 2020) keeps the first layer dense
+        dst_exclude="conv1.weight,fc2.weight",
+        seed=seed,
+    )
 
 
 def dp_rows(

@@ -73,6 +73,9 @@ class LeanfedConfig:
     partition_shards: int = 2
     partition_sample_size: int = 16  # "sample": examples per client (clients may overlap)
     num_partitions: int = 10
+    # Examples of the training set held out (stratified, seeded; before partitioning) and
+    # evaluated on IN PLACE OF the test set, for tuning without touching the test set; 0 = off
+    validation_size: int = 0
     # local training
     local_steps: int = 20
     local_batch_size: int = 32

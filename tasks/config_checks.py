@@ -56,6 +56,7 @@ def check_config(cfg: LeanfedConfig) -> None:
     need(cfg.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
     need(cfg.min_accepted_replies >= 0, "min-accepted-replies", "must be >= 0")
     need(cfg.partition_scheme in PARTITIONS, "partition.scheme", f"one of {PARTITIONS}")
+    need(cfg.validation_size >= 0, "validation-size", "must be >= 0")
     need(cfg.partition_alpha > 0, "partition.alpha", "must be > 0")
     need(cfg.partition_shards >= 1, "partition.shards", "must be >= 1")
     need(cfg.partition_sample_size >= 1, "partition.sample-size", "must be >= 1")

@@ -105,8 +105,39 @@ def check_dataset(ds: Any, name: str) -> Dataset:
         arrays[f"x_{split}"] = x.astype(np.float32, copy=False)
         arrays[f"y_{split}"] = y.astype(np.int64, copy=False)
     return Dataset(
-        str(getattr(ds, "name", name)), arrays["x_train"], arrays["y_train"], arrays["x_test"],
-        arrays["y_test"], num_classes, shape,
+        str(getattr(ds, "name", name)),
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        num_classes,
+        shape,
+    )
+
+
+def hold_out_validation(ds: Dataset, size: int, seed: int) -> Dataset:
+    """``ds`` with ``size`` training examples moved to a validation set that REPLACES the test
+    set (stratified, seeded), so settings can be tuned without touching the test set.
+
+    The rest of the training set (in its original order) stays the training set; a run
+    partitions it as usual. ``size`` 0 returns ``ds`` unchanged.
+    """
+    n = len(ds.y_train)
+    if size == 0:
+        return ds
+    if not 0 < size < n:
+        raise DatasetError(f"validation-size = {size}: need 0 <= size < {n} training examples")
+    order = np.arange(n)
+    rest, held, _, _ = _stratified_split(order, ds.y_train, size, seed)
+    rest, held = np.sort(rest), np.sort(held)  # index order: the training set keeps its order
+    return Dataset(
+        name=ds.name,
+        x_train=ds.x_train[rest],
+        y_train=ds.y_train[rest],
+        x_test=ds.x_train[held],
+        y_test=ds.y_train[held],
+        num_classes=ds.num_classes,
+        input_shape=ds.input_shape,
     )
 
 
@@ -217,8 +248,10 @@ def load_csv(
     """
     p = Path(path)
     if not p.is_file():
-        raise DatasetError(f"{p}: CSV file not found (expected a file with a header row and "
-                           f"a {label_column!r} column)")
+        raise DatasetError(
+            f"{p}: CSV file not found (expected a file with a header row and "
+            f"a {label_column!r} column)"
+        )
     if not 0.0 < test_fraction < 1.0:
         raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if len(delimiter) != 1:
@@ -326,9 +359,7 @@ def load_npz(path: str | Path, seed: int = 0) -> Dataset:
         x = _as_features(arrays["x"], p, "x")
         y = _check_labels(arrays["y"], p, "y")
         if len(x) != len(y):
-            raise DatasetError(
-                f"{p}: mismatched lengths, x has {len(x)} rows but y has {len(y)}"
-            )
+            raise DatasetError(f"{p}: mismatched lengths, x has {len(x)} rows but y has {len(y)}")
         if len(x) < 2:
             raise DatasetError(f"{p}: expected at least 2 examples, found {len(x)}")
         x_tr, x_te, y_tr, y_te = _stratified_split(x, y, 0.2, seed)
@@ -393,7 +424,12 @@ def load_flwr_dataset(
         x_tr, x_te = x_tr / 255.0, x_te / 255.0
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
     return Dataset(
-        name, x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te, num_classes,
+        name,
+        x_tr.astype(np.float32),
+        y_tr,
+        x_te.astype(np.float32),
+        y_te,
+        num_classes,
         tuple(x_tr.shape[1:]),
     )
 

@@ -24,6 +24,7 @@ from tasks.datasets import (
     DATASET_REGISTRY,
     USER_PREFIXES,
     Dataset,
+    hold_out_validation,
     load_csv,
     load_dataset,
     load_npz,
@@ -39,8 +40,10 @@ def frozen_options(cfg: LeanfedConfig, section: str) -> Options:
 
 
 def run_dataset(cfg: LeanfedConfig, loader: Callable[..., Dataset] = load_dataset) -> Dataset:
-    """The run's dataset with its ``dataset.options.*`` (``loader``: a caching wrapper)."""
-    return loader(cfg.dataset, cfg.seed, frozen_options(cfg, "dataset"))
+    """The run's dataset with its ``dataset.options.*`` (``loader``: a caching wrapper);
+    with ``validation-size`` > 0, its validation split stands in for the test set."""
+    ds = loader(cfg.dataset, cfg.seed, frozen_options(cfg, "dataset"))
+    return hold_out_validation(ds, cfg.validation_size, cfg.seed)
 
 
 def site_options(cfg: LeanfedConfig, kind: str) -> dict[str, OptionValue]:

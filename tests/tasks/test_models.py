@@ -72,3 +72,20 @@ def test_errors_and_defaults() -> None:
     assert default_model_for("breast_cancer") == "mlp"
     assert default_model_for("csv:/x.csv") == "mlp"
     assert default_model_for("npz:/x.npz", (1, 28, 28)) == "cnn"
+
+
+def test_cnn_tanh_and_hidden_options() -> None:
+    relu = build_model("cnn", (1, 8, 8), 10, seed=0)
+    small = build_model("cnn", (1, 8, 8), 10, seed=0, options={"activation": "tanh", "hidden": 6})
+    assert tuple(small.fc1.weight.shape) == (6, 32 * 2 * 2)  # type: ignore[union-attr]
+    assert tuple(small.fc2.weight.shape) == (10, 6)  # type: ignore[union-attr]
+    x = torch.randn(3, 1, 8, 8)
+    assert small(x).shape == (3, 10)
+    tanh = build_model("cnn", (1, 8, 8), 10, seed=0, options={"activation": "tanh"})
+    for (n, a), (_, b) in zip(tanh.state_dict().items(), relu.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n  # the same weights (seed) ...
+    assert not torch.allclose(tanh(x), relu(x))  # ... through another activation
+    with pytest.raises(ModelError, match="activation must be one of"):
+        build_model("cnn", (1, 8, 8), 10, options={"activation": "gelu"})
+    with pytest.raises(ModelError, match="hidden must be in"):
+        build_model("cnn", (1, 8, 8), 10, options={"hidden": 0})

@@ -137,3 +137,21 @@ def test_privatize_is_bit_for_bit_the_reference_formula(batch: int) -> None:
             assert got[n].dtype == ref[n].dtype
             assert torch.equal(got[n], ref[n]), n
             assert got[n].numpy().tobytes() == ref[n].numpy().tobytes(), n  # signed zeros too
+
+
+def test_dp_sgd_step_on_the_tanh_cnn_uses_per_example_grads() -> None:
+    from tasks.models import build_model
+
+    model = build_model("cnn", (1, 8, 8), 3, seed=0, options={"activation": "tanh", "hidden": 4})
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 2, 1])
+    per_ex = per_example_grads(model, x, y)
+    for i in range(3):  # each example's gradient is its own backward pass
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for n, p in model.named_parameters():
+            assert p.grad is not None and torch.allclose(per_ex[n][i], p.grad, atol=1e-5), n
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    mask = {"fc1.weight": torch.rand(4, 128, generator=torch.Generator().manual_seed(1)) < 0.1}
+    out = privatize(per_ex, shapes, mask, 1.0, 1.0, 3, torch.Generator().manual_seed(0))
+    assert (out["fc1.weight"][~mask["fc1.weight"]] == 0).all()  # nothing off the mask
+    assert (out["fc1.weight"][mask["fc1.weight"]] != 0).all()
