@@ -17,6 +17,7 @@ from client.local import RoundOutcome, local_evaluate, local_round
 from client.statics import client_round_seed, fresh_model, run_config, seeded_global_rng
 from strategies import codec
 from strategies.aggregation import secagg_wire
+from strategies.aggregation.metric_rules import DP_ROUNDS_KEY, EPSILON_KEY, WEIGHT_KEY
 from strategies.sparse.masks import Mask, pack_mask, unpack_mask
 from tasks.config import LeanfedConfig
 
@@ -94,16 +95,15 @@ def train(msg: Message, context: Context) -> Message:
         received = codec.decode_with(
             codec.from_arrayrecord(msg.content.array_records["arrays"]), _load_mask(context)
         )
-        eps = out.extra.get("dp_epsilon")  # record-level DP: this site's epsilon, in clear
+        clear = None  # record-level DP: this site's accounting record, in clear
+        if EPSILON_KEY in out.extra:
+            clear = {
+                EPSILON_KEY: float(out.extra[EPSILON_KEY]),
+                DP_ROUNDS_KEY: int(out.extra[DP_ROUNDS_KEY]),
+                WEIGHT_KEY: int(out.num_examples),
+            }
         return secagg.masked_reply(
-            msg,
-            context,
-            received,
-            state,
-            out.mask,
-            out.num_examples,
-            float(out.loss),
-            None if eps is None else float(eps),
+            msg, context, received, state, out.mask, out.num_examples, float(out.loss), clear
         )
     if out.mask is None:
         arrays = ArrayRecord(state)
@@ -167,7 +167,8 @@ def _train_round(
         started = time.perf_counter()  # local training only (not data loading or decoding)
         out = local_round(model, x, y, cfg, server_round, mask, gen, mu, condensed=condensed)
         if cfg.privacy_mode == "record":  # this site's epsilon over all its DP-SGD steps
-            out.extra["dp_epsilon"] = account_site(context.state, cfg, out.steps, len(x))
+            eps, rounds = account_site(context.state, cfg, out.steps, len(x))
+            out.extra[EPSILON_KEY], out.extra[DP_ROUNDS_KEY] = eps, rounds
     out.extra["train_s"] = time.perf_counter() - started
     out.extra["capacity"] = capacity
     return model, out, on_wire

@@ -3,8 +3,10 @@
 Each step draws a Poisson sample of the site's examples (rate q = batch / N), privatizes the
 per-example gradients (``strategies.privacy.dp_sgd``: clip to C, Gaussian noise on the kept
 weights only) and hands them to the DST controller, which zeroes masked gradients and steps
-the optimizer. The epsilon(delta) of the site is accounted over every DP-SGD step it has
-taken in the run (its count lives in ``context.state``), with the RDP accountant.
+the optimizer. The epsilon(delta) of the site is accounted over every round it has trained
+in the run (its count lives in ``context.state``), with the RDP accountant, through
+`SiteAccounting`: the same function the server recomputes it with from the reported
+example count and round count (`strategies.aggregation.site_epsilon`).
 What a DP site releases: its weights and mask (post-processing of DP-SGD) and its example
 count (public in DP-SGD's accounting); its training loss is withheld (reported as 0).
 """
@@ -15,7 +17,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from client.trainer import TrainResult
-from strategies.privacy.accountant import epsilon
+from strategies.privacy.accountant import PrivacyError, SiteAccounting
 from strategies.privacy.dp_sgd import per_example_grads, poisson_batch, privatize
 from strategies.sparse.engine import DSTController
 from tasks.config import LeanfedConfig
@@ -62,11 +64,23 @@ def dp_train_steps(
     return TrainResult(loss=0.0, num_examples=n, steps=steps, dropped=dropped, grown=grown)
 
 
-def account_site(state: RecordDict, cfg: LeanfedConfig, steps: int, num_examples: int) -> float:
-    """Add this round's DP-SGD steps to the site's count; return its epsilon(delta) so far."""
+def account_site(
+    state: RecordDict, cfg: LeanfedConfig, steps: int, num_examples: int
+) -> tuple[float, int]:
+    """Count this round in the site's state; return (its epsilon(delta) so far, its rounds).
+
+    ``steps``: the DP-SGD steps this round took; the accounting (and the server's check)
+    assumes ``local.steps`` a round, so any other count is refused rather than under-counted.
+    """
+    accounting = SiteAccounting.of(cfg)
+    if steps != accounting.local_steps:
+        raise PrivacyError(
+            f"a DP round took {steps} steps, the accounting assumes {cfg.local_steps}"
+        )
     rec = state.config_records.get(DP_STATE_KEY)
-    total = int(rec["steps"]) if rec is not None else 0  # type: ignore[arg-type]
-    total += steps
-    state.config_records[DP_STATE_KEY] = ConfigRecord({"steps": total})
-    q = min(1.0, cfg.local_batch_size / max(1, num_examples))
-    return epsilon(cfg.privacy_noise_multiplier, q, total, cfg.privacy_delta)
+    rounds = int(rec.get("rounds", 0)) if rec is not None else 0  # type: ignore[arg-type]
+    rounds += 1
+    state.config_records[DP_STATE_KEY] = ConfigRecord(
+        {"steps": rounds * accounting.local_steps, "rounds": rounds}
+    )
+    return accounting.site_epsilon(num_examples, rounds), rounds

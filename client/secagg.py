@@ -15,7 +15,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from strategies.aggregation import secagg_wire as W
-from strategies.aggregation.metric_rules import EPSILON_KEY
 from strategies.privacy.accountant import adaptive_value_noise
 from strategies.privacy.distributed import DPSumPlan, client_noise_std, min_survivors
 from strategies.secure import protocol as P
@@ -129,14 +128,15 @@ def masked_reply(
     local_mask: Mask | None,
     examples: int,
     loss: float,
-    site_epsilon: float | None = None,
+    dp_record: dict[str, int | float] | None = None,
 ) -> Message:
     """Stage 2: decrypt the shares sent to this node, then reply with the masked vector.
 
     `received`: the global values and consensus mask this round's train message carried.
-    `site_epsilon`: under record-level DP, this site's epsilon(delta) so far; it goes in clear
-    beside the masked vector, as the reply's only metric (``dp_epsilon``): a public function
-    of the run config, the site's step count and its sampling rate batch / N.
+    `dp_record`: under record-level DP, this site's epsilon(delta) so far, its rounds trained
+    and its example count; they go in clear beside the masked vector, as the reply's only
+    metrics (`metric_rules.DP_RECORD_RULES`): the epsilon is a public function of the run
+    config and the other two, which the server recomputes it from.
     """
     rec, server_round = _request(msg)
     st, c_pks = _load(context, server_round)
@@ -165,8 +165,8 @@ def masked_reply(
     y = P.mask_input(st, x, P.ids_from_bytes(W.get_bytes(rec, "u1"), MAX_IDS))
     _save(context, st, c_pks)
     reply = _reply(msg, ConfigRecord({"masked": plan.layout().pack(y)}))
-    if site_epsilon is not None:
-        reply.content.metric_records["metrics"] = MetricRecord({EPSILON_KEY: float(site_epsilon)})
+    if dp_record is not None:
+        reply.content.metric_records["metrics"] = MetricRecord(dict(dp_record))
     return reply
 
 

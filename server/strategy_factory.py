@@ -15,6 +15,7 @@ from strategies.aggregation.secagg_dp import SecAggDPSparseFedAvg
 from strategies.aggregation.secagg_record import SecAggRecordDPSparseFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.aggregation.validate import ReplyLimits
+from strategies.privacy.accountant import SiteAccounting
 from strategies.sparse.layout import plan_densities, planned_random_mask
 from strategies.sparse.masks import Mask
 from strategies.sparse.saliency import saliency_mask, saliency_scores
@@ -103,7 +104,7 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
             }
         elif cfg.privacy_mode == "record":  # DP-SGD sites, epsilon beside the masked vector
             cls = SecAggRecordDPSparseFedAvg
-            secure["delta"] = cfg.privacy_delta
+            secure["accounting"] = SiteAccounting.of(cfg)  # the sites' epsilon, recomputed
     elif cfg.privacy_mode != "none":
         cls = DPSparseFedAvg
         secure = {  # the DP wrapper's own knobs (strategies/aggregation/dp.py)
@@ -116,6 +117,8 @@ def build_strategy(cfg: LeanfedConfig) -> SparseFedAvg | ByteCountingFedAvg:
             "target_quantile": cfg.privacy_target_quantile,
             "clip_lr": cfg.privacy_clip_lr,
         }
+        if cfg.privacy_mode == "record":  # the sites' epsilon, recomputed from public data
+            secure["accounting"] = SiteAccounting.of(cfg)
     return cls(
         **secure,
         density=1.0 if cfg.dst_rule == "dense" else cfg.dst_density,

@@ -1,8 +1,10 @@
 """DPSparseFedAvg: SparseFedAvg with differential privacy, record-level or client-level.
 
 - ``mode = "record"``: clients run DP-SGD (``strategies.privacy.dp_sgd``) and report their own
-  epsilon(delta) as the ``dp_epsilon`` metric; the round records the LARGEST site epsilon of
-  its accepted replies. (Under SecAgg+: `secagg_record.SecAggRecordDPSparseFedAvg`.)
+  epsilon(delta) as the ``dp_epsilon`` metric with the rounds they trained (``dp_rounds``);
+  the server recomputes it from public data (`site_epsilon.SiteEpsilonCheck`) and rejects a
+  reply whose epsilon is not the accountant's; the round records the LARGEST site epsilon
+  of its accepted replies. (Under SecAgg+: `secagg_record.SecAggRecordDPSparseFedAvg`.)
 - ``mode = "client"``: DP-FedAvg (McMahan et al. 2018) on the server, with the maths in
   ``strategies.privacy.client_dp``: each update is clipped to C, the clipped updates are
   averaged over the SAMPLED clients and Gaussian noise N(0, (z C)^2)/n is added on the public
@@ -23,8 +25,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from strategies.aggregation.merge import ClientUpdate
 from strategies.aggregation.metric_rules import EPSILON_KEY
 from strategies.aggregation.rules import FunctionRule
+from strategies.aggregation.site_epsilon import SiteEpsilonCheck
 from strategies.aggregation.strategy import SparseFedAvg
-from strategies.privacy.accountant import adaptive_value_noise, epsilon
+from strategies.privacy.accountant import SiteAccounting, adaptive_value_noise, epsilon
 from strategies.privacy.client_dp import AdaptiveClip, clip_update, private_sum_mean
 
 __all__ = ["DPSparseFedAvg"]
@@ -44,10 +47,13 @@ class DPSparseFedAvg(SparseFedAvg):
         adaptive_clip: bool = False,
         target_quantile: float = 0.5,
         clip_lr: float = 0.2,
+        accounting: SiteAccounting | None = None,
         **kwargs: object,
     ) -> None:
         if privacy_mode not in ("record", "client"):
             raise ValueError(f"privacy_mode must be 'record' or 'client', got {privacy_mode!r}")
+        if privacy_mode == "record" and accounting is None:
+            raise ValueError("record-level DP needs the sites' accounting (SiteAccounting)")
         if privacy_mode == "client":
             kwargs["mask_update_end_round"] = 0  # the public mask is fixed: see the docstring
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -60,9 +66,19 @@ class DPSparseFedAvg(SparseFedAvg):
         self.clip = clip
         self._sampled = 0
         self._round = 0
+        # record-level: each site's reported epsilon is recomputed (None: client-level)
+        self.site_check = SiteEpsilonCheck(accounting) if accounting is not None else None
         if privacy_mode == "client":
             self.merge_rule_name = f"dp-fedavg(z={noise_multiplier}, C={clip})"
             self.rule = FunctionRule(self._dp_merge, label=self.merge_rule_name)
+
+    def _metrics_problem(
+        self, server_round: int, node: int, metrics: dict[str, int | float]
+    ) -> str | None:
+        """Record-level: why a site's reported epsilon is refused (recomputed), or None."""
+        if self.privacy_mode != "record" or self.site_check is None:
+            return None
+        return self.site_check.admit(node, server_round, metrics)
 
     # -- the private merge -------------------------------------------------------------------
 

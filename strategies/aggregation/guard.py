@@ -103,7 +103,8 @@ class ReplyGuard:
         accepted: set[int],
     ) -> list[Row]:
         """Client rows for a strategy that judges replies itself (SecAgg): a node's first
-        reply is accepted iff in `accepted`; metrics kept only if they pass `metric_rules`.
+        reply is accepted iff in `accepted`; an accepted reply's metrics are kept only if
+        they pass `metric_rules`, a rejected one's not at all.
         Download bytes come from ``self._sent_bytes`` (node -> bytes), then reset."""
         sent_bytes: dict[int, int] = getattr(self, "_sent_bytes", {})
         reasons = dict(rejected)
@@ -111,11 +112,11 @@ class ReplyGuard:
         replied: set[int] = set()
         for msg in replies:
             node = int(msg.metadata.src_node_id)
-            metrics: dict[str, int | float] = {}
-            if not msg.has_error() and "metrics" in msg.content.metric_records:
+            ok = node in accepted and node not in replied
+            metrics: dict[str, int | float] = {}  # a rejected reply's claims are not kept
+            if ok and not msg.has_error() and "metrics" in msg.content.metric_records:
                 raw = dict(msg.content.metric_records["metrics"])
                 metrics = check_metrics("train", raw, self.limits.examples_cap(node))[0]
-            ok = node in accepted and node not in replied
             rows.append(
                 {
                     "node_id": node,

@@ -51,6 +51,9 @@ EPSILON_KEY = "dp_epsilon"
 # No meaningful guarantee is near this bound; a larger epsilon is broken or hostile.
 MAX_EPSILON = 1e6
 EPSILON_RULE = MetricRule(float, 0.0, MAX_EPSILON)
+# record-level DP: how many rounds the site has trained (DP-SGD) in this run, this one included
+DP_ROUNDS_KEY = "dp_rounds"
+DP_ROUNDS_RULE = MetricRule(int, 1, 1e6)
 
 TRAIN_METRICS: dict[str, MetricRule] = {
     WEIGHT_KEY: MetricRule(int, 1, _BIG),
@@ -71,8 +74,10 @@ TRAIN_METRICS: dict[str, MetricRule] = {
     # the node's declared budget (node config "capacity"; strategies.aggregation.condensed)
     "capacity": MetricRule(float, 1e-6, 1.0),
     "train_s": MetricRule(float, 0.0, 1e7),  # seconds of local training this round
-    # record-level DP: the site's own epsilon(delta) so far (client.dp_local.account_site)
+    # record-level DP: the site's own epsilon(delta) so far and the rounds it trained
+    # (client.dp_local.account_site; recomputed by strategies.aggregation.site_epsilon)
     EPSILON_KEY: EPSILON_RULE,
+    DP_ROUNDS_KEY: DP_ROUNDS_RULE,
 }
 EVALUATE_METRICS: dict[str, MetricRule] = {
     WEIGHT_KEY: MetricRule(int, 1, _BIG),
@@ -87,7 +92,7 @@ EVALUATE_PATTERNS: list[tuple[re.Pattern[str], MetricRule]] = [
 TIMING_KEYS = frozenset({"train_s"})
 # Kept per client, never averaged: timing, and a site's epsilon (a round reports the LARGEST
 # site epsilon, `dp.DPSparseFedAvg`; an average would understate the worst site's loss).
-PER_CLIENT_KEYS = TIMING_KEYS | {EPSILON_KEY}
+PER_CLIENT_KEYS = TIMING_KEYS | {EPSILON_KEY, DP_ROUNDS_KEY}
 _RULES = {"train": TRAIN_METRICS, "evaluate": EVALUATE_METRICS}
 _PATTERNS: dict[str, list[tuple[re.Pattern[str], MetricRule]]] = {
     "train": [],
@@ -154,25 +159,43 @@ def common_keys(records: list[dict[str, int | float]]) -> list[dict[str, int | f
     return [{k: v for k, v in r.items() if k in keys} for r in records]
 
 
+# The plaintext record of a masked SecAgg+ reply under record-level DP: its keys and rules.
+DP_RECORD_RULES: dict[str, MetricRule] = {
+    EPSILON_KEY: EPSILON_RULE,
+    DP_ROUNDS_KEY: DP_ROUNDS_RULE,
+    WEIGHT_KEY: TRAIN_METRICS[WEIGHT_KEY],
+}
+
+
 def check_epsilon_record(
     metric_records: Mapping[str, Mapping[str, object]],
-) -> tuple[float, str | None]:
-    """(the site's epsilon, or nan ; why the record is refused, or None).
+    max_examples: int,
+) -> tuple[dict[str, int | float], str | None]:
+    """(the site's checked accounting record, or {} ; why the record is refused, or None).
 
     The only plaintext a masked SecAgg+ train reply may carry under record-level DP:
-    exactly one MetricRecord "metrics" holding exactly ``EPSILON_KEY``, a finite float in
-    [0, ``MAX_EPSILON``]. Anything else in clear (another record, another key) is refused,
-    not dropped: the protocol defines this record, and a reply that breaks it is treated
-    as a dropout, so the sum never includes an input the server could not check.
+    exactly one MetricRecord "metrics" holding exactly the keys of ``DP_RECORD_RULES`` (the
+    site's epsilon, the rounds it trained and its example count, from which the server
+    recomputes the epsilon: `strategies.aggregation.site_epsilon`), each within its rule,
+    "num-examples" at most ``max_examples``. Anything else in clear (another record,
+    another key) is refused, not dropped: the protocol defines this record, and a reply that
+    breaks it is treated as a dropout, so the sum never includes an input the server could
+    not check.
     """
     if set(metric_records) != {"metrics"}:
         names = sorted(str(k) for k in metric_records)[:4]
-        return math.nan, f"plaintext record must be exactly 'metrics', got {names}"
+        return {}, f"plaintext record must be exactly 'metrics', got {names}"
     metrics = metric_records["metrics"]
-    if set(metrics) != {EPSILON_KEY}:
-        return math.nan, f"plaintext metrics must hold only {EPSILON_KEY!r} ({len(metrics)} keys)"
-    value = metrics[EPSILON_KEY]
-    problem = EPSILON_RULE.problem(value)
-    if problem is not None:
-        return math.nan, f"metric {EPSILON_KEY!r} {problem}"
-    return float(value), None  # type: ignore[arg-type]
+    if set(metrics) != set(DP_RECORD_RULES):
+        expected = ", ".join(repr(k) for k in DP_RECORD_RULES)
+        return {}, f"plaintext metrics must hold exactly {expected} ({len(metrics)} keys)"
+    kept: dict[str, int | float] = {}
+    for key, rule in DP_RECORD_RULES.items():
+        value = metrics[key]
+        problem = rule.problem(value)
+        if problem is not None:
+            return {}, f"metric {key!r} {problem}"
+        kept[key] = value  # type: ignore[assignment]
+    if kept[WEIGHT_KEY] > max_examples:
+        return {}, f"metric {WEIGHT_KEY!r} = {kept[WEIGHT_KEY]} exceeds the cap {max_examples}"
+    return kept, None

@@ -12,7 +12,8 @@ other than the masked input are queries ``query.secagg_<stage>``:
                     "clip", "quant-bits", "max-weight", "num-clients"; with client-level DP
                     also "dp-clip", "dp-min-survivors", "dp-sampled", "dp-count-noise"}
              C->S  {"masked": packed masked vector}  -- and nothing else: no metrics (with
-                    record-level DP, beside it MetricRecord "metrics" = {"dp_epsilon"} only)
+                    record-level DP, beside it MetricRecord "metrics" = {"dp_epsilon",
+                    "dp_rounds", "num-examples"} only: metric_rules.DP_RECORD_RULES)
   unmask     S->C  {"round", "survivors": ids, "dropped": ids}
              C->S  {"src": ids, "kind": one byte per share (0 = b, 1 = s_sk), "shares": [68 B]}
 

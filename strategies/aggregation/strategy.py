@@ -348,6 +348,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
             previous,
             self.limits,
             self.norm_bound,
+            lambda node, metrics: self._metrics_problem(server_round, node, metrics),
         )
         self._record_train(server_round, verdicts, self._sent_bytes, uploads)
         self._sent_bytes = {}
@@ -388,6 +389,12 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         metrics["mask_changed"] = mask_changed
         self.last_train_metrics = metrics  # read by the server's per-round recorder
         return arrays, metrics
+
+    def _metrics_problem(
+        self, server_round: int, node: int, metrics: dict[str, int | float]
+    ) -> str | None:
+        """Why a train reply's checked metrics are refused by this strategy (none here)."""
+        return None
 
     def _next_mask(self, rnd: RoundInput, merged: dict[str, torch.Tensor]) -> Mask:
         """The rule's proposal if it makes one, else the vote; checked against the mask."""

@@ -10,6 +10,8 @@ order (the first failing one is the reason):
    AND its metrics are the ones used;
 3. exactly the expected records (`wire.check_records`) and metrics (`metric_rules`),
    "num-examples" capped by ``max_num_examples`` and the node's partition size if known;
+   then the strategy's own check of the checked metrics, if it has one (record-level DP:
+   the site's epsilon recomputed, `site_epsilon.SiteEpsilonCheck`);
 4. the payload decodes against the model's spec (`codec` checks names, shapes, dtypes
    and mask kinds before allocating);
 5. `check_update`: keys, shapes, dtypes, values finite with |v| <= ``max_abs``, masks bool
@@ -270,17 +272,21 @@ def validate_replies(
     previous: Mapping[str, torch.Tensor],
     limits: ReplyLimits,
     norms: NormBound | None = None,
+    metrics_check: Callable[[int, dict[str, int | float]], str | None] | None = None,
 ) -> tuple[list[ClientUpdate], list[Verdict]]:
     """Check every train reply: (accepted updates, one Verdict per reply in order).
 
     `sent`: the nodes sent a train message this round; `decode`: payload -> (values,
-    mask), raising CodecError/ReplyError; `previous`: the global model sent (for norms).
+    mask), raising CodecError/ReplyError; `previous`: the global model sent (for norms);
+    `metrics_check`: (node, checked metrics) -> why refused or None, after check 3.
     """
     verdicts: list[Verdict | None] = []
     candidates: list[tuple[int, ClientUpdate, float]] = []  # (reply index, update, norm)
     seen: set[int] = set()
     for i, msg in enumerate(replies):
         node, reason, metrics = _judge(msg, sent, seen, "train", limits)
+        if reason is None and metrics_check is not None:
+            reason = metrics_check(node, metrics)
         update = None
         if reason is None:
             try:

@@ -5,16 +5,36 @@ noise multiplier z (noise std / L2 sensitivity), applied to a Poisson subsample 
 repeated T times (Abadi et al. 2016; Mironov 2017 for RDP; Mironov, Talwar & Zhang 2019 for
 the subsampled Gaussian). Record-level: q = expected batch / site examples, T = local steps
 so far. Client-level: q = clients per round / all clients, T = rounds so far.
+
+`SiteAccounting` is the ONE map from a record-level run's public settings and a site's
+(example count, rounds trained) to that site's epsilon: the site reports it with it
+(`client.dp_local.account_site`) and the server recomputes it with it
+(`strategies.aggregation.site_epsilon`), so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 from dp_accounting import dp_event, rdp
 
-__all__ = ["PrivacyError", "adaptive_value_noise", "epsilon", "noise_multiplier_for"]
+__all__ = [
+    "EPSILON_RTOL",
+    "PrivacyError",
+    "SiteAccounting",
+    "adaptive_value_noise",
+    "epsilon",
+    "noise_multiplier_for",
+]
+
+# A site's reported epsilon may differ from the server's recomputation by this relative
+# amount: client and server call the same function on the same numbers, so an honest site
+# matches to the last bit on one platform; the slack covers float round-off across
+# platforms (libm) and no more. Sites must run the run's accountant (same dp-accounting).
+EPSILON_RTOL = 1e-6
 
 
 class PrivacyError(ValueError):
@@ -82,3 +102,58 @@ def adaptive_value_noise(noise_multiplier: float, count_noise: float) -> float:
             f"need count noise > {noise_multiplier / 2}"
         )
     return rest**-0.5
+
+
+class RecordDPConfig(Protocol):
+    """The run-config fields record-level accounting reads (`tasks.config.LeanfedConfig`)."""
+
+    @property
+    def privacy_noise_multiplier(self) -> float: ...
+    @property
+    def local_batch_size(self) -> int: ...
+    @property
+    def local_steps(self) -> int: ...
+    @property
+    def privacy_delta(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class SiteAccounting:
+    """Record-level DP of one site (Abadi et al. 2016): every round it trains, it takes
+    ``local_steps`` DP-SGD steps, each on a Poisson sample of rate q = batch / N of its N
+    examples with noise multiplier z; its epsilon(delta) composes all of them (RDP)."""
+
+    noise_multiplier: float
+    batch_size: int
+    local_steps: int
+    delta: float
+
+    @classmethod
+    def of(cls, cfg: RecordDPConfig) -> SiteAccounting:
+        """The public accounting inputs the run config fixes."""
+        return cls(
+            cfg.privacy_noise_multiplier, cfg.local_batch_size, cfg.local_steps, cfg.privacy_delta
+        )
+
+    def sample_rate(self, num_examples: int) -> float:
+        """q = expected batch / N (1 when the batch is the whole site)."""
+        if num_examples < 1:
+            raise PrivacyError(f"a site needs >= 1 example, got {num_examples}")
+        return min(1.0, self.batch_size / num_examples)
+
+    def site_epsilon(self, num_examples: int, rounds: int) -> float:
+        """epsilon(delta) of a site of ``num_examples`` after training in ``rounds`` rounds."""
+        if rounds < 0:
+            raise PrivacyError(f"rounds must be >= 0, got {rounds}")
+        q = self.sample_rate(num_examples)
+        return epsilon(self.noise_multiplier, q, rounds * self.local_steps, self.delta)
+
+    def problem(self, reported: float, num_examples: int, rounds: int) -> str | None:
+        """Why ``reported`` is not this site's epsilon (beyond `EPSILON_RTOL`), or None."""
+        expected = self.site_epsilon(num_examples, rounds)
+        if math.isclose(reported, expected, rel_tol=EPSILON_RTOL, abs_tol=1e-12):
+            return None
+        return (
+            f"reported epsilon {reported:.6g} is not the accountant's {expected:.6g} for "
+            f"{num_examples} examples over {rounds} rounds"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 from flwr.app import RecordDict
 
@@ -13,7 +14,7 @@ from client.dp_local import account_site
 from server.runner import build_strategy, run_federated
 from simulations.grid import InProcessGrid
 from strategies.aggregation.dp import DPSparseFedAvg
-from strategies.privacy.accountant import epsilon
+from strategies.privacy.accountant import PrivacyError, epsilon
 from tasks.config import LeanfedConfig
 
 BASE = LeanfedConfig(
@@ -53,8 +54,11 @@ def test_record_level_dp_reports_each_sites_epsilon() -> None:
 def test_site_accounting_adds_steps_across_rounds() -> None:
     cfg = dataclasses.replace(BASE, privacy_mode="record", privacy_noise_multiplier=1.2)
     state = RecordDict()
-    assert account_site(state, cfg, 3, 320) == epsilon(1.2, 16 / 320, 3, 1e-5)
-    assert account_site(state, cfg, 3, 320) == epsilon(1.2, 16 / 320, 6, 1e-5)
+    assert account_site(state, cfg, 3, 320) == (epsilon(1.2, 16 / 320, 3, 1e-5), 1)
+    assert account_site(state, cfg, 3, 320) == (epsilon(1.2, 16 / 320, 6, 1e-5), 2)
+    # a round of another step count would be under- or over-counted: refused
+    with pytest.raises(PrivacyError, match="took 2 steps"):
+        account_site(state, cfg, 2, 320)
 
 
 def test_client_level_dp_noises_only_the_public_mask_and_accounts() -> None:

@@ -14,8 +14,10 @@ from server.runner import RunSummary, build_strategy, run_federated
 from simulations.grid import DropoutGrid, quiet_flower
 from strategies.aggregation.dp import DPSparseFedAvg
 from strategies.aggregation.metric_rules import (
+    DP_ROUNDS_KEY,
     EPSILON_KEY,
     MAX_EPSILON,
+    WEIGHT_KEY,
     check_epsilon_record,
     check_metrics,
 )
@@ -28,15 +30,20 @@ RECORD = CFG.replace(privacy_mode="record", privacy_noise_multiplier=Z)
 SECURE = RECORD.replace(secure_mode="secagg")
 Held = tuple[DropoutGrid, Any, RunSummary]  # the grid, the strategy, the summary
 
+GOOD = {EPSILON_KEY: 1.0, DP_ROUNDS_KEY: 1, WEIGHT_KEY: 20}  # well-formed (a wrong epsilon)
 # (what a hostile site puts in clear beside its masked vector, the reason's tell-tale)
 HOSTILE: dict[str, tuple[dict[str, Any], str]] = {
-    "nan": ({"metrics": {EPSILON_KEY: math.nan}}, "must be finite"),
-    "negative": ({"metrics": {EPSILON_KEY: -1.0}}, "must be in [0"),
-    "huge": ({"metrics": {EPSILON_KEY: 1e300}}, "must be in [0"),
-    "list": ({"metrics": {EPSILON_KEY: [1.0, 2.0]}}, "must be a scalar float"),
-    "extra-key": ({"metrics": {EPSILON_KEY: 1.0, "train_loss": 0.3}}, "only 'dp_epsilon'"),
+    "nan": ({"metrics": {**GOOD, EPSILON_KEY: math.nan}}, "must be finite"),
+    "negative": ({"metrics": {**GOOD, EPSILON_KEY: -1.0}}, "must be in [0"),
+    "huge": ({"metrics": {**GOOD, EPSILON_KEY: 1e300}}, "must be in [0"),
+    "list": ({"metrics": {**GOOD, EPSILON_KEY: [1.0, 2.0]}}, "must be a scalar float"),
+    "lie": ({"metrics": GOOD}, "is not the accountant's"),
+    "extra-key": ({"metrics": {**GOOD, "train_loss": 0.3}}, "must hold exactly"),
+    "no-rounds": ({"metrics": {EPSILON_KEY: 1.0, WEIGHT_KEY: 20}}, "must hold exactly"),
+    "zero-rounds": ({"metrics": {**GOOD, DP_ROUNDS_KEY: 0}}, "must be in [1"),
+    "too-many": ({"metrics": {**GOOD, WEIGHT_KEY: 10**6}}, "exceeds the cap"),
     "extra-record": (
-        {"metrics": {EPSILON_KEY: 1.0}, "loss": {"train_loss": 0.3}},
+        {"metrics": GOOD, "loss": {"train_loss": 0.3}},
         "must be exactly 'metrics'",
     ),
     "missing": ({}, "must be exactly 'metrics'"),
@@ -74,16 +81,23 @@ def plain_record() -> Held:
     return _run(RECORD.replace(num_server_rounds=2))
 
 
-def test_check_epsilon_record_accepts_one_bounded_float_only() -> None:
-    assert check_epsilon_record({"metrics": {EPSILON_KEY: 2.5}}) == (2.5, None)
-    assert check_epsilon_record({"metrics": {EPSILON_KEY: 0}}) == (0.0, None)
-    assert check_epsilon_record({"metrics": {EPSILON_KEY: MAX_EPSILON}})[1] is None
+def test_check_epsilon_record_accepts_the_three_bounded_numbers_only() -> None:
+    good = {EPSILON_KEY: 2.5, DP_ROUNDS_KEY: 3, WEIGHT_KEY: 20}
+    assert check_epsilon_record({"metrics": good}, 100) == (good, None)
+    assert check_epsilon_record({"metrics": {**good, EPSILON_KEY: 0}}, 100)[1] is None
+    assert check_epsilon_record({"metrics": {**good, EPSILON_KEY: MAX_EPSILON}}, 100)[1] is None
     assert "must be a scalar float" in str(
-        check_epsilon_record({"metrics": {EPSILON_KEY: True}})[1]
+        check_epsilon_record({"metrics": {**good, EPSILON_KEY: True}}, 100)[1]
     )
-    for records, why in HOSTILE.values():
-        eps, problem = check_epsilon_record(records)
-        assert math.isnan(eps) and problem is not None and why in problem, problem
+    assert "must be an int" in str(
+        check_epsilon_record({"metrics": {**good, DP_ROUNDS_KEY: 2.0}}, 100)[1]
+    )
+    for name, (records, why) in HOSTILE.items():
+        kept, problem = check_epsilon_record(records, 100)
+        if name == "lie":  # well-formed: only the recomputation catches it
+            assert problem is None and kept == GOOD
+            continue
+        assert kept == {} and problem is not None and why in problem, problem
 
 
 @pytest.mark.parametrize("value", [math.nan, -0.5, 2 * MAX_EPSILON, math.inf])
@@ -136,13 +150,18 @@ def test_secure_record_dp_records_the_same_epsilon_as_plain_record_dp(
     out = CliRunner().invoke(cli, ["runs", "show", run.id, "--db", url])
     assert out.exit_code == 0, out.output
     assert EPSILON_KEY in out.output
-    # the only clear metric of a masked train reply is the site's epsilon
+    # the only clear metrics of a masked train reply are the site's accounting record
     train = [m for m in grid.received if m.metadata.message_type == "train"]
     assert len(train) == 10
     for m in train:
         assert set(m.content.metric_records) == {"metrics"}
-        assert set(m.content.metric_records["metrics"]) == {EPSILON_KEY}
+        clear = m.content.metric_records["metrics"]
+        assert set(clear) == {EPSILON_KEY, DP_ROUNDS_KEY, WEIGHT_KEY}
+        assert clear[WEIGHT_KEY] > 0
         assert set(m.content.array_records) == set()
+    # every site trains every round (5 of 5 sampled): its count is the round
+    counts = sorted(int(m.content.metric_records["metrics"][DP_ROUNDS_KEY]) for m in train)
+    assert counts == [1] * 5 + [2] * 5
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
