@@ -22,8 +22,7 @@ from server.runner import RoundRecord, _dataset, build_strategy, make_model
 from server.security.checkpoints import sign_round
 from server.security.signing import Signer
 from server.store import CheckpointCorruptError, RunStore, StoreError
-from strategies.aggregation.dp import DPSparseFedAvg
-from strategies.aggregation.secagg_dp import SecAggDPSparseFedAvg
+from strategies.aggregation.dp_state import DPStateMixin
 from strategies.aggregation.strategy import SparseFedAvg
 from strategies.sparse.masks import Mask, layer_densities, mask_from_bytes, mask_to_bytes
 from tasks.config import LeanfedConfig
@@ -70,7 +69,7 @@ def checkpoint_bytes(
         "round": server_round,
         "state": {k: v.detach().clone() for k, v in state.items()},
     }
-    if isinstance(strategy, DPSparseFedAvg | SecAggDPSparseFedAvg):
+    if isinstance(strategy, DPStateMixin):
         payload["dp"] = strategy.dp_state_dict()
     if isinstance(strategy, SparseFedAvg) and strategy.mask is not None:
         payload["mask"] = {k: v.clone() for k, v in strategy.mask.items()}
@@ -124,8 +123,10 @@ def read_checkpoint(
         if not isinstance(mask, dict) or not set(mask) <= set(expected_state):
             raise bad("mask names are not the model's parameters")
         for name, m in mask.items():
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or (
-                m.shape != expected_state[name].shape
+            if (
+                not isinstance(m, torch.Tensor)
+                or m.dtype != torch.bool
+                or (m.shape != expected_state[name].shape)
             ):
                 raise bad(f"mask of {name} is not a bool tensor of the parameter's shape")
         version = ck.get("mask_version")
@@ -166,8 +167,15 @@ def load_resume_point(store: RunStore, run_id: str, cfg: LeanfedConfig) -> Resum
             f"{where} is not a valid leanfed checkpoint: it says round {ck['round']}"
         )
     strategy = build_strategy(cfg)
-    if isinstance(strategy, DPSparseFedAvg | SecAggDPSparseFedAvg) and "dp" in ck:
-        strategy.load_dp_state_dict(ck["dp"])
+    if isinstance(strategy, DPStateMixin) and "dp" in ck:
+        try:
+            if not isinstance(ck["dp"], dict):
+                raise ValueError("DP state is not a dict")
+            strategy.load_dp_state_dict(ck["dp"])
+        except ValueError as exc:  # one line, no data (dp_state.DPStateMixin)
+            raise CheckpointCorruptError(
+                f"{where} is not a valid leanfed checkpoint: {exc}"
+            ) from None
     if isinstance(strategy, SparseFedAvg) and "mask" in ck:
         strategy.mask = ck["mask"]
         strategy.mask_version = int(ck["mask_version"])

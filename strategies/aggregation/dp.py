@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from strategies.aggregation.dp_state import DPStateMixin
 from strategies.aggregation.merge import ClientUpdate
 from strategies.aggregation.metric_rules import EPSILON_KEY
 from strategies.aggregation.rules import FunctionRule
@@ -33,7 +34,7 @@ from strategies.privacy.client_dp import AdaptiveClip, clip_update, private_sum_
 __all__ = ["DPSparseFedAvg"]
 
 
-class DPSparseFedAvg(SparseFedAvg):
+class DPSparseFedAvg(DPStateMixin, SparseFedAvg):
     """SparseFedAvg whose rounds are differentially private (see the module docstring)."""
 
     def __init__(  # noqa: PLR0913 - the knobs are the run config
@@ -148,15 +149,3 @@ class DPSparseFedAvg(SparseFedAvg):
         metrics["dp_delta"] = float(self.delta)
         self.last_train_metrics = metrics
         return arrays, metrics
-
-    # -- resumable state ---------------------------------------------------------------------
-
-    def dp_state_dict(self) -> dict[str, float | int]:
-        """What a resumed run needs: rounds accounted so far and the current clip norm."""
-        return {"dp_rounds": self.dp_rounds, "clip": float(self.clip)}
-
-    def load_dp_state_dict(self, d: dict[str, float | int]) -> None:
-        self.dp_rounds = int(d["dp_rounds"])
-        self.clip = float(d["clip"])
-        if self.clipper is not None:
-            self.clipper.clip = self.clip

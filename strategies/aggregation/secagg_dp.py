@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from strategies.aggregation.dp_state import DPStateMixin
 from strategies.aggregation.secagg import SecAggSparseFedAvg
 from strategies.aggregation.secagg_round import Round, RoundAborted, SumPlan
 from strategies.privacy.accountant import adaptive_value_noise, epsilon
@@ -37,8 +38,10 @@ def count_noise_for(sampled: int, noise_multiplier: float) -> float:
     return max(max(1, sampled) / 20, noise_multiplier)
 
 
-class SecAggDPSparseFedAvg(SecAggSparseFedAvg):
+class SecAggDPSparseFedAvg(DPStateMixin, SecAggSparseFedAvg):
     """SecAgg+ rounds whose secure sum is the distributed-DP clipped, noised update sum."""
+
+    DP_CLIP_ATTR = "dp_clip"  # ``clip`` is the secure sum's quantization clip here
 
     def __init__(  # noqa: PLR0913 - the knobs are the run config
         self,
@@ -126,14 +129,3 @@ class SecAggDPSparseFedAvg(SecAggSparseFedAvg):
         metrics["dp_clip"] = float(self.dp_clip)
         self.last_train_metrics = metrics
         return arrays, metrics
-
-    # -- resumable state (the same keys as dp.DPSparseFedAvg) -----------------------------------
-
-    def dp_state_dict(self) -> dict[str, float | int]:
-        return {"dp_rounds": self.dp_rounds, "clip": float(self.dp_clip)}
-
-    def load_dp_state_dict(self, d: dict[str, float | int]) -> None:
-        self.dp_rounds = int(d["dp_rounds"])
-        self.dp_clip = float(d["clip"])
-        if self.clipper is not None:
-            self.clipper.clip = self.dp_clip
