@@ -50,7 +50,7 @@ from strategies.privacy.accountant import PrivacyError
 from strategies.secure.crypto import SecAggError
 from strategies.secure.protocol import threshold_for
 from strategies.secure.ring import Layout, Segment, bits_for, signed, to_ring
-from strategies.secure.sparse_sum import SecureSum
+from strategies.secure.sparse_sum import SecureSum, check_mask_shapes, on_mask_indices
 
 __all__ = ["COUNT_BITS", "K_SIGMA", "DPSumPlan", "client_noise_std", "min_survivors"]
 
@@ -93,9 +93,7 @@ class DPSumPlan:
             raise SecAggError("need clip > 0 and noise stds >= 0")
         if not 2 <= self.quant_bits <= 32 or self.num_clients < 1 or self.sampled < 1:
             raise SecAggError("need 2 <= quant bits <= 32 and client counts >= 1")
-        for k, m in self.mask.items():
-            if k not in self.shapes or tuple(m.shape) != self.shapes[k]:
-                raise SecAggError(f"mask entry {k!r} does not match the model")
+        check_mask_shapes(self.mask, self.shapes)
 
     @property
     def keys(self) -> list[str]:
@@ -115,9 +113,7 @@ class DPSumPlan:
         return 1.0 / (2.0 * self.scale)
 
     def _on_mask(self, key: str) -> np.ndarray:
-        if key in self.mask:
-            return self.mask[key].reshape(-1).nonzero().reshape(-1).numpy()
-        return np.arange(int(np.prod(self.shapes[key], dtype=np.int64)))
+        return on_mask_indices(self.mask, self.shapes, key)
 
     def layout(self) -> Layout:
         n, qmax = self.num_clients, 2 ** (self.quant_bits - 1) - 1

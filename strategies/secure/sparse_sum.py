@@ -35,6 +35,22 @@ from strategies.secure.ring import Layout, Segment, bits_for, quantize, scale, s
 LOSS_CAP, LOSS_SCALE = 64.0, 256
 
 
+def check_mask_shapes(mask: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every entry of a plan's public mask names a model tensor and has its shape."""
+    for k, m in mask.items():
+        if k not in shapes or tuple(m.shape) != shapes[k]:
+            raise SecAggError(f"mask entry {k!r} does not match the model")
+
+
+def on_mask_indices(
+    mask: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], key: str
+) -> np.ndarray:
+    """Flat indices of `key` on the public mask (all of them for a dense entry)."""
+    if key in mask:
+        return mask[key].reshape(-1).nonzero().reshape(-1).numpy()
+    return np.arange(int(np.prod(shapes[key], dtype=np.int64)))
+
+
 @dataclass(frozen=True)
 class SparseSumPlan:
     """The public plan of one round: shapes, the consensus mask, ring sizes, full or not."""
@@ -50,19 +66,14 @@ class SparseSumPlan:
     def __post_init__(self) -> None:
         if self.max_weight < 1 or self.num_clients < 1:
             raise SecAggError("max weight and client count must be >= 1")
-        for k, m in self.mask.items():
-            if k not in self.shapes or tuple(m.shape) != self.shapes[k]:
-                raise SecAggError(f"mask entry {k!r} does not match the model")
+        check_mask_shapes(self.mask, self.shapes)
 
     @property
     def keys(self) -> list[str]:
         return sorted(self.shapes)
 
     def _on_mask(self, key: str) -> np.ndarray:
-        """Flat indices of `key` on M (all of them for a dense entry)."""
-        if key in self.mask:
-            return self.mask[key].reshape(-1).nonzero().reshape(-1).numpy()
-        return np.arange(int(np.prod(self.shapes[key], dtype=np.int64)))
+        return on_mask_indices(self.mask, self.shapes, key)
 
     def layout(self) -> Layout:
         n, w = self.num_clients, self.max_weight

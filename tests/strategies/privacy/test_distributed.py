@@ -162,3 +162,22 @@ def test_min_survivors_and_noise_share_checks() -> None:
         client_noise_std(1.0, 1.0, 0)
     with pytest.raises(ValueError, match="clip"):
         _plan({"w": torch.ones(SHAPES["w"], dtype=torch.bool)}, clip=0.0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"v": torch.ones(32, dtype=torch.bool)},  # names no model tensor
+        {"w": torch.ones(32, 31, dtype=torch.bool)},  # the wrong shape
+    ],
+)
+def test_both_secure_plans_refuse_a_mask_that_does_not_fit_the_model(bad) -> None:  # type: ignore[no-untyped-def]
+    from strategies.secure.crypto import SecAggError
+    from strategies.secure.sparse_sum import SparseSumPlan, check_mask_shapes
+
+    good = {"w": torch.ones(SHAPES["w"], dtype=torch.bool)}
+    check_mask_shapes(good, dict(SHAPES))  # fits: no error
+    with pytest.raises(SecAggError, match="does not match the model"):
+        _plan(bad)
+    with pytest.raises(SecAggError, match="does not match the model"):
+        SparseSumPlan(dict(SHAPES), bad, False, 1.0, 16, 4096, 6)
