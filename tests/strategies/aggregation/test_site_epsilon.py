@@ -93,6 +93,7 @@ def test_honest_sites_pass_and_a_lying_site_is_rejected_with_its_reason_stored(
     secure: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from server.app import app as server_app
+    from server.security.audit import audit_trail
     from server.store import RunStore
 
     quiet_flower()
@@ -108,6 +109,7 @@ def test_honest_sites_pass_and_a_lying_site_is_rejected_with_its_reason_stored(
         (run,) = store.list_runs()
         rounds = store.get_rounds(run.id)
         results = store.get_client_results(run.id)
+        trail = audit_trail(store, run.id)
     assert run.status == "completed" and len(rounds) == 2
     liar = str(grid.liar)
     for rnd in rounds:  # 4 honest sites of 5 every round; the liar never
@@ -119,6 +121,10 @@ def test_honest_sites_pass_and_a_lying_site_is_rejected_with_its_reason_stored(
     for c in lies:  # why, in the store's rejection trail; no claim of the liar is kept
         assert not c.accepted and c.metrics == {}
         assert c.reason is not None and "is not the accountant's" in c.reason
+    # ... and in the audit trail `runs show` prints: one rejection per round, the liar's
+    rejected = [e for e in trail if e.what == "rejected"]
+    assert [e.round for e in rejected] == [1, 2]
+    assert all(f"node {liar}: " in e.detail and "accountant's" in e.detail for e in rejected)
     # the round's epsilon is the largest of the honest sites' (every site trains every round)
     for rnd in rounds:
         mine = [c for c in honest if c.round == rnd.round]
