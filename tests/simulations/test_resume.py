@@ -21,6 +21,7 @@ from server.session import run_recorded
 from server.store import RunStore
 from simulations.cli import app
 from simulations.grid import InProcessGrid
+from simulations.pool import torch_threads
 from simulations.simulate import build_config
 
 CONFIG = """
@@ -60,6 +61,31 @@ def _last_round(path: Path) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
+def _resume_in_process(db: str, run_id: str) -> str:
+    """`leanfed simulate --resume` in this process, every client here: no interpreter start.
+
+    The crash or interrupt must hit a real process; the resume only reads the store. One
+    torch thread, as every pool worker has: the float results then match bit for bit the
+    subprocess's (the embedded engine is bit-identical for 1 and 2 workers, test_grid).
+    """
+    args = ["simulate", "--no-progress", "--workers", "0", "--db", db, "--resume", run_id]
+    with torch_threads(1):
+        res = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _uninterrupted(conf: Path) -> tuple[dict[str, torch.Tensor], tuple[int, str]]:
+    """Final weights and (round, checkpoint SHA-256) of the run, uninterrupted, in this process."""
+    cfg = build_config(conf, None, {})
+    with torch_threads(1), RunStore("sqlite://") as ref:  # one thread: as _resume_in_process
+        grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
+        ref_id, _ = run_recorded(grid, cfg, ref)
+        latest, sha = ref.latest_checkpoint(ref_id), ref.checkpoint_sha256(ref_id)
+        assert latest is not None and sha is not None
+        return torch.load(io.BytesIO(latest[1]), weights_only=True)["state"], sha
+
+
 def _final_state(url: str) -> tuple[str, dict[str, torch.Tensor], str]:
     with RunStore(url) as store:
         (run,) = store.list_runs()
@@ -75,11 +101,6 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     conf = tmp_path / "tiny.toml"
     conf.write_text(CONFIG)
-
-    ref_url = f"sqlite:///{tmp_path / 'ref.db'}"
-    ref = _simulate(["--config", str(conf), "--db", ref_url], repo)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read() if ref.stderr else ""
-    _, reference, ref_sha = _final_state(ref_url)
 
     url = f"sqlite:///{tmp_path / 'crash.db'}"
     proc = _simulate(["--config", str(conf), "--db", url], repo)
@@ -103,10 +124,10 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
         assert run.display_status == "stale"  # its process is gone: shown as such
         run_id = run.id
 
-    resumed = _simulate(["--db", url, "--resume", run_id], repo)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read() if resumed.stderr else ""
+    _resume_in_process(url, run_id)
     rid, state, sha = _final_state(url)
-    assert rid == run_id and sha == ref_sha  # `runs show` prints the uninterrupted run's SHA
+    reference, ref_sha = _uninterrupted(conf)
+    assert rid == run_id and (6, sha) == ref_sha  # `runs show` prints the uninterrupted run's SHA
     assert state.keys() == reference.keys()
     for k in reference:
         assert torch.equal(state[k], reference[k]), f"{k} differs after resume"
@@ -140,24 +161,11 @@ def test_ctrl_c_says_how_to_resume_and_resume_matches(tmp_path: Path) -> None:
     show = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["runs", "show", run.id, "--db", str(db)])
     assert f"interrupted; resume with `leanfed simulate --resume {run.id}`" in show.output
 
-    resumed = _simulate(["--db", str(db), "--resume", run.id], repo, capture=True)
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
+    out = _resume_in_process(str(db), run.id)
     table_rounds = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") > 5]
     assert table_rounds[-3:] == ["1", "2", "3"]  # the summary includes the earlier rounds
 
-    cfg = build_config(conf, None, {})  # the same run, uninterrupted, in this process
-    with RunStore("sqlite://") as ref:
-        ref_id, _ = run_recorded(
-            InProcessGrid(
-                client_app,
-                cfg.num_partitions,
-                run_config=cfg.to_run_config(),
-            ),
-            cfg,
-            ref,
-        )
-        expected = ref.checkpoint_sha256(ref_id)
+    _, expected = _uninterrupted(conf)
     with RunStore(f"sqlite:///{db}", read_only=True) as store:
         assert store.get_run(run.id).status == "completed"
         assert store.checkpoint_sha256(run.id) == expected
