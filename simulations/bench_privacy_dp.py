@@ -34,7 +34,7 @@ from client.data import shared_dataset
 from server.runner import build_strategy, run_federated
 from simulations.bench_jobs import run_jobs
 from simulations.grid import InProcessGrid
-from strategies.privacy.accountant import noise_multiplier_for
+from strategies.privacy.accountant import SiteAccounting, noise_multiplier_for
 from tasks.config import LeanfedConfig
 from tasks.partition import make_partition
 from tasks.plugins import frozen_options
@@ -88,9 +88,9 @@ def dp_arm_config(base: LeanfedConfig, mode: str, eps: float, density: float) ->
         cfg = cfg.replace(secure_mode="secagg", secure_neighbors=neighbours_for(sampled))
     if math.isinf(eps):
         return cfg
-    if mode == "record":
-        q = min(1.0, cfg.local_batch_size / _smallest_site(cfg))
-        steps = cfg.num_server_rounds * cfg.local_steps
+    if mode == "record":  # the sites' own accounting (client.dp_local, site_epsilon)
+        site = SiteAccounting.of(cfg)
+        q, steps = site.sample_rate(_smallest_site(cfg)), site.steps(cfg.num_server_rounds)
     else:
         q = min(1.0, max(1, round(cfg.fraction_train * cfg.num_partitions)) / cfg.num_partitions)
         steps = cfg.num_server_rounds

@@ -141,12 +141,16 @@ class SiteAccounting:
             raise PrivacyError(f"a site needs >= 1 example, got {num_examples}")
         return min(1.0, self.batch_size / num_examples)
 
-    def site_epsilon(self, num_examples: int, rounds: int) -> float:
-        """epsilon(delta) of a site of ``num_examples`` after training in ``rounds`` rounds."""
+    def steps(self, rounds: int) -> int:
+        """DP-SGD steps a site takes in ``rounds`` rounds (T of the accountant)."""
         if rounds < 0:
             raise PrivacyError(f"rounds must be >= 0, got {rounds}")
+        return rounds * self.local_steps
+
+    def site_epsilon(self, num_examples: int, rounds: int) -> float:
+        """epsilon(delta) of a site of ``num_examples`` after training in ``rounds`` rounds."""
         q = self.sample_rate(num_examples)
-        return epsilon(self.noise_multiplier, q, rounds * self.local_steps, self.delta)
+        return epsilon(self.noise_multiplier, q, self.steps(rounds), self.delta)
 
     def problem(self, reported: float, num_examples: int, rounds: int) -> str | None:
         """Why ``reported`` is not this site's epsilon (beyond `EPSILON_RTOL`), or None."""

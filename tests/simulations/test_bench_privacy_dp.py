@@ -9,7 +9,7 @@ from client.app import app as client_app
 from server.runner import run_federated
 from simulations.bench_privacy_dp import SECAGG_RECORD, dp_arm_config, dp_plan, dp_rows
 from simulations.grid import InProcessGrid, quiet_flower
-from strategies.privacy.accountant import epsilon
+from strategies.privacy.accountant import SiteAccounting, epsilon
 from strategies.secure.ring import error_bound
 from tasks.config import LeanfedConfig
 
@@ -29,6 +29,8 @@ def test_noise_is_calibrated_for_the_worst_site() -> None:
     # the smallest IID digits partition has about 1437 / 4 examples
     q = 16 / 359
     assert epsilon(cfg.privacy_noise_multiplier, q, 15, 1e-5) <= 3.0 * 1.01
+    # the calibration uses the sites' own accounting: the worst site meets the target
+    assert SiteAccounting.of(cfg).site_epsilon(359, 3) <= 3.0
     dense = dp_arm_config(base, "client", math.inf, 1.0)
     assert dense.privacy_mode == "none" and dense.dst_rule == "dense"
 
