@@ -143,6 +143,13 @@ def check_config(cfg: LeanfedConfig) -> None:
             "aggregation.rule = 'mean' and aggregation.vote = 'weighted' (votes are "
             "then counted per client)"
         )
+    if cfg.privacy_mode == "record" and cfg.cl_scenario != "none":
+        # continual clients train on their stream without DP-SGD (client.continual): the run
+        # would claim record-level DP it does not give (and the server, which recomputes
+        # each site's epsilon, would reject every reply for lacking one)
+        raise ConfigError(
+            f"privacy.mode = 'record' does not support cl.scenario = {cfg.cl_scenario!r} yet"
+        )
     if cfg.privacy_mode == "client" and cfg.secure_mode == "secagg":
         _check_distributed_dp(cfg)
     if cfg.strategy == "flower-fedavg":

@@ -39,6 +39,10 @@ def test_round_trip() -> None:
         ({"aggregation.num-malicious": -1}, "aggregation.num-malicious = -1"),
         ({"aggregation.clip-norm": -0.5}, "aggregation.clip-norm = -0.5"),
         (
+            {"privacy.mode": "record", "cl.scenario": "split-mnist"},
+            "privacy.mode = 'record' does not support cl.scenario = 'split-mnist'",
+        ),
+        (
             {"aggregation.rule": "bulyan", "aggregation.num-malicious": 1},
             "needs at least 7 clients per round, the config samples 5",
         ),
