@@ -8,17 +8,23 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secagg
+from client import received, secagg
 from client.condensed import CONDENSED_KEY, node_capacity, receive_condensed
 from client.continual import client_stream, continual_round, current_experience, node_seed
 from client.data import local_data
 from client.dp_local import account_site
 from client.local import RoundOutcome, local_evaluate, local_round
-from client.statics import client_round_seed, fresh_model, run_config, seeded_global_rng
+from client.statics import (
+    client_round_seed,
+    fresh_model,
+    run_config,
+    seeded_global_rng,
+    work_model,
+)
 from strategies import codec
 from strategies.aggregation import secagg_wire
 from strategies.aggregation.metric_rules import DP_ROUNDS_KEY, EPSILON_KEY, WEIGHT_KEY
-from strategies.sparse.masks import Mask, pack_mask, unpack_mask
+from strategies.sparse.masks import Mask, unpack_mask
 from tasks.config import LeanfedConfig
 
 app = ClientApp()
@@ -46,12 +52,27 @@ def _load_mask(context: Context) -> Mask | None:
     return mask
 
 
-def _save_mask(context: Context, mask: Mask) -> None:
+def _held(context: Context) -> received.Held | None:
+    """The mask this node holds, as stored (a key for the broadcast cache), or None."""
+    rec = context.state.config_records.get(STATE_KEY)
+    if rec is None or "names" not in rec:
+        return None
+    return tuple(
+        (
+            str(name),
+            tuple(int(s) for s in rec[f"shape:{name}"]),  # type: ignore[union-attr]
+            bytes(rec[f"bits:{name}"]),  # type: ignore[arg-type]
+        )
+        for name in list(rec["names"])  # type: ignore[arg-type]
+    )
+
+
+def _save_packed(context: Context, packed: received.Held) -> None:
     # Packed bits: ~numel/8 bytes, small enough to ride along with context.state.
-    rec = ConfigRecord({"names": list(mask)})
-    for name, m in mask.items():
-        rec[f"shape:{name}"] = [int(s) for s in m.shape]
-        rec[f"bits:{name}"] = pack_mask(m)
+    rec = ConfigRecord({"names": [name for name, _, _ in packed]})
+    for name, shape, bits in packed:
+        rec[f"shape:{name}"] = list(shape)
+        rec[f"bits:{name}"] = bits
     context.state.config_records[STATE_KEY] = rec
 
 
@@ -64,18 +85,24 @@ def _receive(msg: Message, context: Context, model: torch.nn.Module) -> Mask | N
     # The server's payload must hold exactly this model's tensors (checked before allocating).
     expected = codec.expected_spec(model.state_dict(), None)
     payload = codec.from_arrayrecord(arrays, codec.max_payload_bytes(expected))
-    values, mask = codec.decode_with(payload, _load_mask(context), expected)
-    _save_mask(context, mask)
+    # Every node of a round gets the same bytes: decode them once per process.
+    values, mask, packed = received.decode_broadcast(
+        payload, _held(context), lambda: _load_mask(context), expected
+    )
+    _save_packed(context, packed)
     model.load_state_dict(values)
     return mask
 
 
 def _model_and_data(
-    context: Context,
+    context: Context, reuse: bool = True
 ) -> tuple[LeanfedConfig, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Config, model and data. ``reuse``: this process's working instance (no deep copy);
+    False for a caller that changes the model's structure (a condensed sub-network)."""
     cfg = _config(context)
     data = local_data(cfg, dict(context.node_config))
-    model = fresh_model(cfg, data.input_shape, data.num_classes)
+    make = work_model if reuse else fresh_model
+    model = make(cfg, data.input_shape, data.num_classes)
     return cfg, model, data.x, data.y
 
 
@@ -154,7 +181,8 @@ def _train_round(
         started = time.perf_counter()
         model, out = _continual_train(msg, context, cfg, server_round)
     else:
-        cfg, model, x, y = _model_and_data(context)
+        # A condensed node shrinks its model in place: that one needs its own copy.
+        cfg, model, x, y = _model_and_data(context, reuse=not condensed)
         mask: Mask | None
         if condensed:  # the server sent this node's sub-network: train it physically smaller
             model, mask, on_wire = receive_condensed(msg.content, cfg, model)

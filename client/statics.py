@@ -4,8 +4,9 @@ run config and the freshly initialised model, plus each client round's own RNG s
 A simulation process (a pool worker, a Ray actor) runs thousands of node calls with the
 same run config; parsing it (plug-in checks bind factory signatures) and building the
 seeded model cost more than a small client's training. Both are pure functions of their
-keys, and every call gets its own deep copy of the model, so caching cannot change a
-result. Nothing here holds per-node data.
+keys, and every call gets the template's exact values (its own deep copy, or the process's
+one working instance reset in place), so caching cannot change a result. Nothing here
+holds per-node data.
 """
 
 from __future__ import annotations
@@ -47,6 +48,43 @@ def fresh_model(cfg: LeanfedConfig, input_shape: Shape, num_classes: int) -> tor
     init is seeded by the run's seed alone), so nothing a node computes depends on it.
     """
     return copy.deepcopy(_template(cfg, tuple(input_shape), num_classes))
+
+
+@lru_cache(maxsize=8)
+def _instance(cfg: LeanfedConfig, input_shape: Shape, num_classes: int) -> torch.nn.Module:
+    return copy.deepcopy(_template(cfg, input_shape, num_classes))
+
+
+def work_model(cfg: LeanfedConfig, input_shape: Shape, num_classes: int) -> torch.nn.Module:
+    """This process's one working copy of the template, reset to it in place.
+
+    Same values as ``fresh_model`` (every parameter and buffer, persistent or not, is
+    copied back from the template; gradients cleared; each module's train/eval mode and
+    each parameter's ``requires_grad`` restored) without a deep copy per call, which costs
+    more than the rest of receiving a small model. Valid until the next call with the same
+    key: a node call must not keep the model beyond its own return.
+    """
+    shape = tuple(input_shape)
+    template = _template(cfg, shape, num_classes)
+    model = _instance(cfg, shape, num_classes)
+    with torch.no_grad():
+        for (_, w), (_, t) in zip(
+            model.named_parameters(remove_duplicate=False),
+            template.named_parameters(remove_duplicate=False),
+            strict=True,
+        ):
+            w.copy_(t)
+            w.grad = None
+            w.requires_grad_(t.requires_grad)
+        for (_, buf), (_, src) in zip(
+            model.named_buffers(remove_duplicate=False),
+            template.named_buffers(remove_duplicate=False),
+            strict=True,
+        ):
+            buf.copy_(src)
+    for mod, ref in zip(model.modules(), template.modules(), strict=True):
+        mod.training = ref.training
+    return model
 
 
 def client_round_seed(seed: int, server_round: int, node_id: int) -> int:

@@ -6,7 +6,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.statics import client_round_seed, fresh_model, run_config, seeded_global_rng
+from client.statics import (
+    client_round_seed,
+    fresh_model,
+    run_config,
+    seeded_global_rng,
+    work_model,
+)
 from tasks.config import LeanfedConfig
 from tasks.plugins import run_model
 
@@ -32,6 +38,23 @@ def test_fresh_model_is_a_new_copy_with_the_seeded_init() -> None:
     assert b.state_dict().keys() == ref.state_dict().keys()
     assert all(torch.equal(b.state_dict()[k], v) for k, v in ref.state_dict().items())
     assert not torch.equal(a.state_dict()["fc1.weight"], ref.state_dict()["fc1.weight"])
+
+
+def test_work_model_is_one_instance_reset_to_the_template_in_place() -> None:
+    a = work_model(CFG, (64,), 10)
+    a.eval()
+    for p in a.parameters():
+        p.grad = torch.ones_like(p)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(1.0)  # the last node trained it; the next call must not see that
+    b = work_model(CFG, (64,), 10)
+    ref = fresh_model(CFG, (64,), 10)
+    assert b is a  # no copy per call
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in ref.state_dict().items())
+    assert all(p.grad is None for p in b.parameters())
+    assert [m.training for m in b.modules()] == [m.training for m in ref.modules()]
+    assert work_model(CFG.replace(seed=6), (64,), 10) is not a  # another run: its own
 
 
 @given(st.integers(0, 2**31), st.integers(1, 1000), st.integers(0, 2**64 - 1))

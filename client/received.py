@@ -1,0 +1,84 @@
+"""Per-process cache of decoded broadcasts: a worker decodes a round's global model once.
+
+Every node sampled in a round receives the same payload bytes, and decoding them (CRC,
+mask codes, values) plus bit-packing the mask for ``context.state`` is a pure function
+of three things: those bytes, the mask the node already holds (read by "same mask as
+before" records) and the model's spec. The cache key is exactly these three (the payload
+by its SHA-256 and length), so a hit returns what a fresh decode would return. The bytes a
+node receives, their size cap (checked before reading) and the byte counts are unchanged.
+Only successful decodes are kept: a malformed payload is decoded, and refused, every time.
+Entries are shared between calls: callers copy the values (``load_state_dict``) and get
+their own mask tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from strategies import codec
+from strategies.sparse.masks import Mask, pack_mask
+
+# The held mask as ``context.state`` stores it: (name, shape, packed bits) per tensor.
+Held = tuple[tuple[str, tuple[int, ...], bytes], ...]
+Key = tuple[bytes, int, Held | None, tuple[tuple[str, codec.TensorSpec], ...]]
+# A round has one broadcast (two when the mask is sent to some nodes and not to others);
+# a small bound keeps a large model's decoded copies from piling up.
+MAX_ENTRIES = 2
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded broadcast: full-shape values, the mask, and the mask as ``Held`` packs."""
+
+    values: dict[str, torch.Tensor]
+    mask: Mask
+    packed: Held
+
+
+_CACHE: OrderedDict[Key, Decoded] = OrderedDict()
+
+
+def clear() -> None:
+    """Forget every cached broadcast (tests; a process that switches runs needs nothing)."""
+    _CACHE.clear()
+
+
+def cached() -> int:
+    """How many broadcasts are cached now."""
+    return len(_CACHE)
+
+
+def decode_broadcast(
+    payload: bytes,
+    held: Held | None,
+    previous: Callable[[], Mask | None],
+    expected: Mapping[str, codec.TensorSpec],
+) -> tuple[dict[str, torch.Tensor], Mask, Held]:
+    """``codec.decode_with(payload, previous(), expected)`` and the packed mask, via the cache.
+
+    ``held`` identifies the mask ``previous()`` would return (None: the node holds none);
+    ``previous`` is called only on a miss. Returns (values to copy, a mask of fresh
+    tensors the caller may keep, the mask packed for ``context.state``).
+    """
+    key: Key = (
+        hashlib.sha256(payload).digest(),
+        len(payload),
+        held,
+        tuple(expected.items()),
+    )
+    hit = _CACHE.get(key)
+    if hit is None:
+        values, mask = codec.decode_with(payload, previous(), expected)
+        packed = tuple((n, tuple(int(s) for s in m.shape), pack_mask(m)) for n, m in mask.items())
+        hit = Decoded(values, mask, packed)
+        _CACHE[key] = hit
+        while len(_CACHE) > MAX_ENTRIES:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return hit.values, {n: m.clone() for n, m in hit.mask.items()}, hit.packed

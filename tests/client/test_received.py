@@ -1,0 +1,114 @@
+"""The per-process broadcast cache returns exactly what a fresh decode returns, and no more."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client import received
+from strategies import codec
+from strategies.codec import CodecError
+from strategies.sparse.masks import pack_mask
+
+SHAPES = {"w": (4, 6), "b": (6,)}
+
+
+def _state(seed: int, density: float = 0.4) -> tuple[dict[str, torch.Tensor], dict]:
+    g = torch.Generator().manual_seed(seed)
+    values = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    mask = {"w": torch.rand(SHAPES["w"], generator=g) < density}
+    values["w"] = values["w"] * mask["w"]
+    return values, mask
+
+
+def _held(mask: dict[str, torch.Tensor]) -> received.Held:
+    return tuple((n, tuple(m.shape), pack_mask(m)) for n, m in mask.items())
+
+
+def _spec() -> dict[str, codec.TensorSpec]:
+    return codec.expected_spec(_state(0)[0], None)
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache() -> None:
+    received.clear()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_hit_equals_a_fresh_decode_and_the_mask_is_the_callers_own() -> None:
+    values, mask = _state(1)
+    payload = codec.encode(values, mask)
+    calls: list[int] = []
+
+    def previous() -> None:
+        calls.append(1)
+
+    first = received.decode_broadcast(payload, None, previous, _spec())
+    second = received.decode_broadcast(payload, None, previous, _spec())
+    want_values, want_mask = codec.decode_with(payload, None, _spec())
+    assert len(calls) == 1 and received.cached() == 1  # decoded once
+    for got in (first, second):
+        assert _same(got[0], want_values) and _same(got[1], want_mask)
+        assert got[2] == _held(want_mask)
+    second[1]["w"].fill_(True)  # a caller changing its mask must not change the next hit
+    assert _same(received.decode_broadcast(payload, None, previous, _spec())[1], want_mask)
+
+
+def test_a_changed_broadcast_is_decoded_again() -> None:
+    a = codec.encode(*_state(1))
+    b = codec.encode(*_state(2))
+    got_a = received.decode_broadcast(a, None, lambda: None, _spec())
+    got_b = received.decode_broadcast(b, None, lambda: None, _spec())
+    assert _same(got_b[0], codec.decode_with(b, None, _spec())[0])
+    assert not _same(got_a[0], got_b[0])
+
+
+def test_the_held_mask_is_part_of_the_key() -> None:
+    """A "same mask as before" payload decodes differently under different held masks."""
+    values, _ = _state(3)
+    m1 = _state(4)[1]
+    m2 = {"w": m1["w"].reshape(-1).roll(1).reshape(SHAPES["w"])}  # same count, moved
+    assert not _same(m1, m2)
+    payload = codec.encode(values, m1, send_mask=False)
+    got1 = received.decode_broadcast(payload, _held(m1), lambda: m1, _spec())
+    got2 = received.decode_broadcast(payload, _held(m2), lambda: m2, _spec())
+    assert _same(got1[1], m1) and _same(got2[1], m2)
+    assert _same(got2[0], codec.decode_with(payload, m2, _spec())[0])
+    assert received.cached() == 2
+
+
+def test_a_malformed_payload_is_refused_every_time_and_never_cached() -> None:
+    payload = bytearray(codec.encode(*_state(1)))
+    payload[-1] ^= 0xFF  # the CRC no longer matches
+    for _ in range(2):
+        with pytest.raises(CodecError, match="CRC"):
+            received.decode_broadcast(bytes(payload), None, lambda: None, _spec())
+    assert received.cached() == 0
+
+
+def test_the_cache_holds_at_most_max_entries() -> None:
+    for seed in range(received.MAX_ENTRIES + 3):
+        received.decode_broadcast(codec.encode(*_state(seed)), None, lambda: None, _spec())
+    assert received.cached() == received.MAX_ENTRIES
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 3)), max_size=12))
+def test_any_sequence_of_broadcasts_decodes_as_without_a_cache(
+    calls: list[tuple[int, bool, int]],
+) -> None:
+    """Interleaved payloads (mask sent or not) and held masks: never a stale answer."""
+    received.clear()
+    for seed, send_mask, shift in calls:
+        values, mask = _state(seed)
+        payload = codec.encode(values, mask, send_mask=send_mask)
+        # A held mask with the same active count: "same mask" records decode under it.
+        held = {"w": mask["w"].reshape(-1).roll(shift).reshape(SHAPES["w"])}
+        got = received.decode_broadcast(payload, _held(held), lambda h=held: h, _spec())
+        want = codec.decode_with(payload, held, _spec())
+        assert _same(got[0], want[0]) and _same(got[1], want[1])
