@@ -287,9 +287,8 @@ def encode(
             continue
         if tuple(m.shape) != shape:
             raise CodecError(f"mask for {name!r} has shape {tuple(m.shape)}, value has {shape}")
-        mask_bytes, idx = write_mask(m, name)
-        if not send_mask:
-            mask_bytes = bytes([MASK_SAME])
+        # "Same mask as before" needs only the indices, not every encoding's size.
+        mask_bytes, idx = write_mask(m, name, same=not send_mask)
         code, data = _write_values(flat[torch.from_numpy(idx)], value_dtype, name)
         body += bytes([code]) + mask_bytes + data
     flags = _FLAG_MASK_SENT if send_mask else 0

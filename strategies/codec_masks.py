@@ -196,11 +196,13 @@ def choose_mask_encoding(m: torch.Tensor) -> str:
     return _choose(mask_encoding_sizes(m))
 
 
-def write_mask(m: torch.Tensor, name: str) -> tuple[bytes, np.ndarray]:
-    """(code byte + mask bytes, flat active indices)."""
+def write_mask(m: torch.Tensor, name: str, same: bool = False) -> tuple[bytes, np.ndarray]:
+    """(code byte + mask bytes, flat active indices); ``same``: the MASK_SAME code alone."""
     if m.dtype != torch.bool:
         raise CodecError(f"mask for {name!r} must be a bool tensor, got {m.dtype}")
     idx = active_indices(m)
+    if same:
+        return bytes([MASK_SAME]), idx
     sizes, k = _sizes(idx, m.numel())  # one pass: the indices and sizes serve the write too
     choice = _choose(sizes)
     if choice == "all":

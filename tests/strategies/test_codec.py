@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from strategies import codec
+from strategies import codec, codec_masks
 from strategies.codec import CodecError
 
 
@@ -104,6 +104,9 @@ def test_send_mask_false_needs_previous_mask() -> None:
     assert codec.payload_flags(same) == {"mask_sent": False}
     with pytest.raises(CodecError, match="previous mask"):
         codec.decode(same)
+    # Exactly the full payload with every mask record cut to the one MASK_SAME byte.
+    masks = sum(len(codec_masks.write_mask(m, k)[0]) for k, m in mask.items())
+    assert len(full) - len(same) == masks - len(mask)
     out, out_mask = codec.decode_with(same, mask)
     for k in values:
         assert torch.equal(out[k], values[k])
@@ -122,6 +125,8 @@ def test_encode_rejects_bad_input() -> None:
         codec.encode({"w": torch.zeros(2)}, {"w": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(CodecError, match="bool"):
         codec.encode({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+    with pytest.raises(CodecError, match="bool"):  # checked without the mask's encodings too
+        codec.encode({"w": torch.zeros(2)}, {"w": torch.ones(2)}, send_mask=False)
 
 
 def test_arrayrecord_round_trip() -> None:
