@@ -260,16 +260,26 @@ def run_federated(
 
     initial = ArrayRecord({k: v.detach() for k, v in model.state_dict().items()})
     runner: Strategy = strategy if offset == 0 else RoundOffset(strategy, offset)
-    result = runner.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.num_server_rounds - offset,
-        timeout=timeout,
-        # "proximal-mu": FedProx's client term, under the key Flower's FedProx sends.
-        train_config=ConfigRecord({"seed": cfg.seed, "proximal-mu": cfg.local_proximal_mu}),
-        evaluate_config=ConfigRecord({"seed": cfg.seed}),
-        evaluate_fn=evaluate_fn,
-    )
+    # A grid that streams replies (the embedded engine) lets the strategy screen each one
+    # while later clients still run (strategies.aggregation.early); same verdicts.
+    listeners = getattr(grid, "reply_listeners", None)
+    observe = getattr(strategy, "observe_reply", None)
+    if isinstance(listeners, list) and observe is not None:
+        listeners.append(observe)
+    try:
+        result = runner.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_server_rounds - offset,
+            timeout=timeout,
+            # "proximal-mu": FedProx's client term, under the key Flower's FedProx sends.
+            train_config=ConfigRecord({"seed": cfg.seed, "proximal-mu": cfg.local_proximal_mu}),
+            evaluate_config=ConfigRecord({"seed": cfg.seed}),
+            evaluate_fn=evaluate_fn,
+        )
+    finally:
+        if isinstance(listeners, list) and observe in listeners:
+            listeners.remove(observe)
     summary.final_state = dict(result.arrays.to_torch_state_dict()) if result.arrays else None
     return summary
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +111,9 @@ class InProcessGrid(Grid):
             raise ValueError(f"capacities: {len(self.capacities)} values for {num_nodes} nodes")
         self._states: dict[int, bytes] = {}  # only nodes whose state is not empty
         self._replies: dict[str, Message] = {}
+        # Called with every reply as it arrives, while later nodes of the push still run
+        # (a strategy screens train replies here: strategies.aggregation.early).
+        self.reply_listeners: list[Callable[[Message], None]] = []
         self.traffic = TrafficLog()
         self.pool = (
             WorkerPool(client_app, self.run_config, workers)
@@ -216,6 +219,8 @@ class InProcessGrid(Grid):
             for job, (msg, _), result in zip(jobs, wave, self._execute(jobs), strict=True):
                 reply = self._reply(job, msg, result)
                 self.observe(reply)
+                for listen in self.reply_listeners:
+                    listen(reply)
                 self._replies[msg.metadata.message_id] = reply
         return [msg.metadata.message_id for msg, _ in pending]
 

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from strategies import codec
+from strategies.aggregation.early import EarlyScreen
 from strategies.aggregation.guard import ReplyGuard
 from strategies.aggregation.merge import ClientUpdate, MergeOptions, MergeRule
 from strategies.aggregation.rules import (
@@ -161,6 +162,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         self._node_version: dict[int, int] = {}  # mask version each node is known to hold
         self._sent: dict[str, dict[int, int]] = {"train": {}, "evaluate": {}}
         self._global: dict[str, torch.Tensor] | None = None  # dense global sent this round
+        self.early = EarlyScreen()  # train replies screened as they arrived (observe_reply)
 
     # ------------------------------------------------------------------ helpers
     def summary(self) -> None:
@@ -223,6 +225,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         mask = self._ensure_mask(state)
         if kind == "train":  # what the clients actually receive: zeros off the mask
             self._global = masked(state, mask)
+            self.early.clear()
         payloads: dict[bool, ArrayRecord] = {}
         sizes: dict[bool, int] = {}
         messages: list[Message] = []
@@ -263,6 +266,18 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         """A payload of this node's own (record, bytes, extra config), or None for the shared
         global payload. Hook for subclasses (``condensed.CondensedSparseFedAvg``)."""
         return None
+
+    def observe_reply(self, msg: Message) -> None:
+        """Screen a train reply as it arrives (`early`); a grid that streams replies calls
+        this for each, and ``aggregate_train`` then finds its decode and checks done."""
+        previous, mask = self._global, self.mask
+        if previous is not None and mask is not None:
+
+            def setup() -> tuple[Decoder, ModelSpec]:
+                spec = self._spec(previous, mask)
+                return self._decoder(mask, spec.wire()), spec
+
+            self.early.add(msg, (previous, mask), setup)
 
     def _decoder(self, mask: Mask, wire_spec: dict[str, codec.TensorSpec]) -> Decoder:
         """How a train reply is decoded into full-shape (values, mask): the codec payload
@@ -349,7 +364,9 @@ class SparseFedAvg(ReplyGuard, FedAvg):
             self.limits,
             self.norm_bound,
             lambda node, metrics: self._metrics_problem(server_round, node, metrics),
+            screened=self.early.take((previous, mask)),
         )
+        self.early.clear()
         self._record_train(server_round, verdicts, self._sent_bytes, uploads)
         self._sent_bytes = {}
 

@@ -125,7 +125,7 @@ def _all_clean(update: ClientUpdate, spec: ModelSpec) -> bool:
     thousands of replies of a few small tensors each, where per-tensor op overhead
     dominates. False sends `check_update` through the per-key loop for the exact reason.
     """
-    floats, masked = [], []
+    floats, outside = [], []
     for key, t in update.values.items():
         if tuple(t.shape) != spec.shapes[key] or t.dtype != spec.dtypes[key]:
             return False
@@ -137,18 +137,23 @@ def _all_clean(update: ClientUpdate, spec: ModelSpec) -> bool:
         if m is not None:
             if m.dtype != torch.bool or tuple(m.shape) != spec.shapes[key]:
                 return False
-            masked.append(t.reshape(-1)[~m.reshape(-1)])
+            # nonzero AND off the mask, elementwise (no gather of the off-mask entries)
+            outside.append(t.ne(0).logical_and_(m.logical_not()).reshape(-1))
     if floats:
         flat = torch.cat(floats)
         if flat.numel() and not (
             bool(torch.isfinite(flat).all()) and float(flat.abs().max()) <= spec.max_abs
         ):
             return False
-    return not (masked and bool((torch.cat(masked) != 0).any()))
+    return not (outside and bool(torch.cat(outside).any()))
 
 
-def check_update(update: ClientUpdate, spec: ModelSpec) -> str | None:
-    """The reason `update` is unacceptable, or None when it is fine (norms: `NormBound`)."""
+def check_update(update: ClientUpdate, spec: ModelSpec, clean: bool | None = None) -> str | None:
+    """The reason `update` is unacceptable, or None when it is fine (norms: `NormBound`).
+
+    ``clean``: `_all_clean`'s answer for these very values and masks (see `screen`), when
+    it was computed earlier; None computes it here.
+    """
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         return f"num_examples must be a positive int, got {n!r}"
@@ -160,7 +165,8 @@ def check_update(update: ClientUpdate, spec: ModelSpec) -> str | None:
         missing = sorted(spec.mask_keys - set(update.mask))
         extra = sorted(set(update.mask) - spec.mask_keys)
         return f"mask key set differs: missing {missing}, unexpected {extra}"
-    clean = _all_clean(update, spec)  # one pass over all tensors; per key only on a failure
+    if clean is None:  # one pass over all tensors; per key only on a failure
+        clean = _all_clean(update, spec)
     if not clean:
         for key, t in update.values.items():
             if tuple(t.shape) != spec.shapes[key]:
@@ -204,6 +210,36 @@ def update_norm(update: ClientUpdate, previous: Mapping[str, torch.Tensor]) -> f
             diff = diff[update.mask[key]]
         total += float((diff * diff).sum())
     return math.sqrt(total)
+
+
+@dataclass(frozen=True)
+class Screened:
+    """The work on one train reply that depends on its payload alone, done ahead of time.
+
+    ``clean`` is `_all_clean`'s answer and ``norm`` `update_norm`'s, or None where
+    `check_update` would not reach them (wrong key sets; a failing value check).
+    """
+
+    values: dict[str, torch.Tensor]
+    mask: Mask
+    clean: bool | None
+    norm: float | None
+
+
+def screen(decoded: Decoded, spec: ModelSpec, previous: Mapping[str, torch.Tensor]) -> Screened:
+    """`validate_replies`' payload checks of one decoded reply, in its order (no verdict).
+
+    A server can run this while later replies are still being computed (the embedded
+    engine does); the verdict, which needs every reply of the round, comes later.
+    """
+    values, mask = decoded
+    clean = norm = None
+    if set(values) == set(spec.shapes) and set(mask) == set(spec.mask_keys):
+        probe = ClientUpdate(0, values, mask, 1)
+        clean = _all_clean(probe, spec)
+        if clean:
+            norm = update_norm(probe, previous)
+    return Screened(values, mask, clean, norm)
 
 
 class NormBound:
@@ -273,12 +309,15 @@ def validate_replies(
     limits: ReplyLimits,
     norms: NormBound | None = None,
     metrics_check: Callable[[int, dict[str, int | float]], str | None] | None = None,
+    screened: Callable[[Message], Screened | None] | None = None,
 ) -> tuple[list[ClientUpdate], list[Verdict]]:
     """Check every train reply: (accepted updates, one Verdict per reply in order).
 
     `sent`: the nodes sent a train message this round; `decode`: payload -> (values,
     mask), raising CodecError/ReplyError; `previous`: the global model sent (for norms);
     `metrics_check`: (node, checked metrics) -> why refused or None, after check 3.
+    `screened`: a reply's `screen` done earlier (raising what `decode` raised), or None
+    to decode it now; the checks and their order are the same either way.
     """
     verdicts: list[Verdict | None] = []
     candidates: list[tuple[int, ClientUpdate, float]] = []  # (reply index, update, norm)
@@ -287,19 +326,21 @@ def validate_replies(
         node, reason, metrics = _judge(msg, sent, seen, "train", limits)
         if reason is None and metrics_check is not None:
             reason = metrics_check(node, metrics)
-        update = None
+        update, early = None, None
         if reason is None:
             try:
-                values, mask = decode(msg)
+                early = None if screened is None else screened(msg)
+                values, mask = decode(msg) if early is None else (early.values, early.mask)
                 update = ClientUpdate(node, values, mask, int(metrics[WEIGHT_KEY]), metrics)
-                reason = check_update(update, spec)
+                reason = check_update(update, spec, None if early is None else early.clean)
             except (CodecError, ReplyError) as exc:
                 reason = f"payload: {exc}"
         if reason is not None or update is None:
             verdicts.append(Verdict(node, False, reason or "rejected"))
             continue
         verdicts.append(None)  # decided after the norm check
-        candidates.append((i, update, update_norm(update, previous)))
+        norm = None if early is None else early.norm
+        candidates.append((i, update, update_norm(update, previous) if norm is None else norm))
     limit = None if norms is None else norms.limit([c[2] for c in candidates])
     accepted: list[ClientUpdate] = []
     for i, update, norm in candidates:
