@@ -84,10 +84,9 @@ def _receive(msg: Message, context: Context, model: torch.nn.Module) -> Mask | N
         return None
     # The server's payload must hold exactly this model's tensors (checked before allocating).
     expected = codec.expected_spec(model.state_dict(), None)
-    payload = codec.from_arrayrecord(arrays, codec.max_payload_bytes(expected))
     # Every node of a round gets the same bytes: decode them once per process.
     values, mask, packed = received.decode_broadcast(
-        payload, _held(context), lambda: _load_mask(context), expected
+        arrays, _held(context), lambda: _load_mask(context), expected
     )
     _save_packed(context, packed)
     model.load_state_dict(values)

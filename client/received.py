@@ -4,7 +4,8 @@ Every node sampled in a round receives the same payload bytes, and decoding them
 mask codes, values) plus bit-packing the mask for ``context.state`` is a pure function
 of three things: those bytes, the mask the node already holds (read by "same mask as
 before" records) and the model's spec. The cache key is exactly these three (the payload
-by its SHA-256 and length), so a hit returns what a fresh decode would return. The bytes a
+by the SHA-256 and length of the serialized Array that carries it, so a hit does not even
+parse its .npy header), so a hit returns what a fresh decode would return. The bytes a
 node receives, their size cap (checked before reading) and the byte counts are unchanged.
 Only successful decodes are kept: a malformed payload is decoded, and refused, every time.
 Entries are shared between calls: callers copy the values (``load_state_dict``) and get
@@ -19,13 +20,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from flwr.app import ArrayRecord
 
 from strategies import codec
 from strategies.sparse.masks import Mask, pack_mask
 
 # The held mask as ``context.state`` stores it: (name, shape, packed bits) per tensor.
 Held = tuple[tuple[str, tuple[int, ...], bytes], ...]
-Key = tuple[bytes, int, Held | None, tuple[tuple[str, codec.TensorSpec], ...]]
+Key = tuple[bytes, int, str, Held | None, tuple[tuple[str, codec.TensorSpec], ...]]
 # A round has one broadcast (two when the mask is sent to some nodes and not to others);
 # a small bound keeps a large model's decoded copies from piling up.
 MAX_ENTRIES = 2
@@ -54,25 +56,31 @@ def cached() -> int:
 
 
 def decode_broadcast(
-    payload: bytes,
+    record: ArrayRecord,
     held: Held | None,
     previous: Callable[[], Mask | None],
     expected: Mapping[str, codec.TensorSpec],
 ) -> tuple[dict[str, torch.Tensor], Mask, Held]:
-    """``codec.decode_with(payload, previous(), expected)`` and the packed mask, via the cache.
+    """``codec.decode_with`` of the payload in ``record`` with ``previous()``'s mask, under
+    ``expected``, and the mask packed, via the cache (sizes checked first, as without it).
 
     ``held`` identifies the mask ``previous()`` would return (None: the node holds none);
     ``previous`` is called only on a miss. Returns (values to copy, a mask of fresh
     tensors the caller may keep, the mask packed for ``context.state``).
     """
+    limit = codec.max_payload_bytes(expected)
+    array = codec.payload_array(record, limit)
+    data = array.data
     key: Key = (
-        hashlib.sha256(payload).digest(),
-        len(payload),
+        hashlib.sha256(data).digest(),
+        len(data),
+        str(array.stype),
         held,
         tuple(expected.items()),
     )
     hit = _CACHE.get(key)
     if hit is None:
+        payload = codec.from_arrayrecord(record, limit)
         values, mask = codec.decode_with(payload, previous(), expected)
         packed = tuple((n, tuple(int(s) for s in m.shape), pack_mask(m)) for n, m in mask.items())
         hit = Decoded(values, mask, packed)

@@ -82,6 +82,7 @@ __all__ = [
     "from_arrayrecord",
     "mask_encoding_sizes",
     "max_payload_bytes",
+    "payload_array",
     "payload_flags",
     "to_arrayrecord",
 ]
@@ -437,11 +438,8 @@ def to_arrayrecord(payload: bytes) -> ArrayRecord:
     return ArrayRecord({PAYLOAD_KEY: Array(arr)})
 
 
-def from_arrayrecord(rec: ArrayRecord, max_bytes: int | None = None) -> bytes:
-    """The payload bytes inside an ArrayRecord made by `to_arrayrecord`.
-
-    `max_bytes` (e.g. `max_payload_bytes(spec)`): refuse a larger Array before reading it.
-    """
+def payload_array(rec: ArrayRecord, max_bytes: int | None = None) -> Array:
+    """The one Array of a payload ArrayRecord, its size checked before anything is read."""
     if PAYLOAD_KEY not in rec:
         raise CodecError(f"ArrayRecord has no {PAYLOAD_KEY!r} entry (keys: {sorted(rec)})")
     if len(rec) != 1:
@@ -449,6 +447,15 @@ def from_arrayrecord(rec: ArrayRecord, max_bytes: int | None = None) -> bytes:
     array = rec[PAYLOAD_KEY]
     if max_bytes is not None and len(array.data) > max_bytes + 1024:  # + .npy header
         raise CodecError(f"payload Array is {len(array.data)} bytes, at most {max_bytes} expected")
+    return array
+
+
+def from_arrayrecord(rec: ArrayRecord, max_bytes: int | None = None) -> bytes:
+    """The payload bytes inside an ArrayRecord made by `to_arrayrecord`.
+
+    `max_bytes` (e.g. `max_payload_bytes(spec)`): refuse a larger Array before reading it.
+    """
+    array = payload_array(rec, max_bytes)
     try:
         arr = array.numpy()
     except Exception as exc:  # a forged Array can fail to deserialize in many ways

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +29,10 @@ def _held(mask: dict[str, torch.Tensor]) -> received.Held:
     return tuple((n, tuple(m.shape), pack_mask(m)) for n, m in mask.items())
 
 
+def _rec(payload: bytes) -> ArrayRecord:
+    return codec.to_arrayrecord(payload)
+
+
 def _spec() -> dict[str, codec.TensorSpec]:
     return codec.expected_spec(_state(0)[0], None)
 
@@ -48,22 +54,22 @@ def test_a_hit_equals_a_fresh_decode_and_the_mask_is_the_callers_own() -> None:
     def previous() -> None:
         calls.append(1)
 
-    first = received.decode_broadcast(payload, None, previous, _spec())
-    second = received.decode_broadcast(payload, None, previous, _spec())
+    first = received.decode_broadcast(_rec(payload), None, previous, _spec())
+    second = received.decode_broadcast(_rec(payload), None, previous, _spec())
     want_values, want_mask = codec.decode_with(payload, None, _spec())
     assert len(calls) == 1 and received.cached() == 1  # decoded once
     for got in (first, second):
         assert _same(got[0], want_values) and _same(got[1], want_mask)
         assert got[2] == _held(want_mask)
     second[1]["w"].fill_(True)  # a caller changing its mask must not change the next hit
-    assert _same(received.decode_broadcast(payload, None, previous, _spec())[1], want_mask)
+    assert _same(received.decode_broadcast(_rec(payload), None, previous, _spec())[1], want_mask)
 
 
 def test_a_changed_broadcast_is_decoded_again() -> None:
     a = codec.encode(*_state(1))
     b = codec.encode(*_state(2))
-    got_a = received.decode_broadcast(a, None, lambda: None, _spec())
-    got_b = received.decode_broadcast(b, None, lambda: None, _spec())
+    got_a = received.decode_broadcast(_rec(a), None, lambda: None, _spec())
+    got_b = received.decode_broadcast(_rec(b), None, lambda: None, _spec())
     assert _same(got_b[0], codec.decode_with(b, None, _spec())[0])
     assert not _same(got_a[0], got_b[0])
 
@@ -75,8 +81,8 @@ def test_the_held_mask_is_part_of_the_key() -> None:
     m2 = {"w": m1["w"].reshape(-1).roll(1).reshape(SHAPES["w"])}  # same count, moved
     assert not _same(m1, m2)
     payload = codec.encode(values, m1, send_mask=False)
-    got1 = received.decode_broadcast(payload, _held(m1), lambda: m1, _spec())
-    got2 = received.decode_broadcast(payload, _held(m2), lambda: m2, _spec())
+    got1 = received.decode_broadcast(_rec(payload), _held(m1), lambda: m1, _spec())
+    got2 = received.decode_broadcast(_rec(payload), _held(m2), lambda: m2, _spec())
     assert _same(got1[1], m1) and _same(got2[1], m2)
     assert _same(got2[0], codec.decode_with(payload, m2, _spec())[0])
     assert received.cached() == 2
@@ -87,13 +93,28 @@ def test_a_malformed_payload_is_refused_every_time_and_never_cached() -> None:
     payload[-1] ^= 0xFF  # the CRC no longer matches
     for _ in range(2):
         with pytest.raises(CodecError, match="CRC"):
-            received.decode_broadcast(bytes(payload), None, lambda: None, _spec())
+            received.decode_broadcast(_rec(bytes(payload)), None, lambda: None, _spec())
     assert received.cached() == 0
+
+
+def test_the_record_is_checked_before_the_cache_is_asked() -> None:
+    payload = codec.encode(*_state(1))
+    received.decode_broadcast(_rec(payload), None, lambda: None, _spec())  # now cached
+    extra = ArrayRecord({codec.PAYLOAD_KEY: _rec(payload)[codec.PAYLOAD_KEY]})
+    extra["more"] = Array(np.zeros(1, dtype=np.uint8))
+    with pytest.raises(CodecError, match="must hold only"):
+        received.decode_broadcast(extra, None, lambda: None, _spec())
+    big = _rec(codec.encode({"w": torch.zeros(40, 40)}, None))  # 6.4 kB for a 6-value model
+    small = {"b": codec.TensorSpec((6,), torch.float32, None)}
+    for _ in range(2):
+        with pytest.raises(CodecError, match="at most"):
+            received.decode_broadcast(big, None, lambda: None, small)
+    assert received.cached() == 1
 
 
 def test_the_cache_holds_at_most_max_entries() -> None:
     for seed in range(received.MAX_ENTRIES + 3):
-        received.decode_broadcast(codec.encode(*_state(seed)), None, lambda: None, _spec())
+        received.decode_broadcast(_rec(codec.encode(*_state(seed))), None, lambda: None, _spec())
     assert received.cached() == received.MAX_ENTRIES
 
 
@@ -109,6 +130,6 @@ def test_any_sequence_of_broadcasts_decodes_as_without_a_cache(
         payload = codec.encode(values, mask, send_mask=send_mask)
         # A held mask with the same active count: "same mask" records decode under it.
         held = {"w": mask["w"].reshape(-1).roll(shift).reshape(SHAPES["w"])}
-        got = received.decode_broadcast(payload, _held(held), lambda h=held: h, _spec())
+        got = received.decode_broadcast(_rec(payload), _held(held), lambda h=held: h, _spec())
         want = codec.decode_with(payload, held, _spec())
         assert _same(got[0], want[0]) and _same(got[1], want[1])
