@@ -68,7 +68,11 @@ def stack_kept(
     Returns (values [C, *shape] float64, keep [C, *shape] bool, weights [C] float64 =
     num_examples). Clients with no mask entry for `key` keep every coordinate.
     """
-    vals = torch.stack([u.values[key].detach().to(torch.float64) for u in updates])
+    parts = [u.values[key].detach() for u in updates]
+    if len({t.dtype for t in parts}) == 1:  # one conversion of the stack, not one per client
+        vals = torch.stack(parts).to(torch.float64)
+    else:
+        vals = torch.stack([t.to(torch.float64) for t in parts])
     keep = torch.stack(
         [
             u.mask[key].bool()

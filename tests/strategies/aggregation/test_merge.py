@@ -201,3 +201,17 @@ def test_custom_rule_and_registry() -> None:
     finally:
         MERGE_RULES._builtins.pop("clipped-test")
     assert set(MERGE_RULES.names()) >= {"mean", "median", "trimmed-mean", "fedadam"}
+
+
+def test_stack_kept_converts_like_one_conversion_per_client() -> None:
+    """One float64 conversion of the stack gives the per-client conversions' exact values;
+    clients sending different dtypes still stack (each converted first)."""
+    g = torch.Generator().manual_seed(3)
+    same = [ClientUpdate(i, {"w": torch.randn(4, 5, generator=g)}, {}, 2) for i in range(3)]
+    vals, keep, w = stack_kept(same, "w")
+    want = torch.stack([u.values["w"].to(torch.float64) for u in same])
+    assert vals.dtype == torch.float64 and torch.equal(vals, want)
+    assert bool(keep.all()) and w.tolist() == [2.0, 2.0, 2.0]
+    mixed = [*same, ClientUpdate(9, {"w": torch.randn(4, 5, generator=g).half()}, {}, 1)]
+    got = stack_kept(mixed, "w")[0]
+    assert torch.equal(got, torch.stack([u.values["w"].to(torch.float64) for u in mixed]))
