@@ -121,21 +121,6 @@ def simulate(
         run = store.get_run(run_id)
         if run.status != "completed":
             console.print(f"[bold yellow]run {run.status}:[/] {escape(run.reason or '')}")
-            run_id, summary = _run(cfg, store, engine, workers, ray_address, name, on_round, signer)
-        table = Table(title=f"run {run_id}")
-        for col in ("round", "accuracy", "loss", "upload MB", "download MB", "density", "wall s"):
-            table.add_column(col, justify="right")
-        for r in summary.rounds:
-            table.add_row(
-                str(r.round),
-                f"{r.accuracy:.4f}",
-                f"{r.loss:.4f}",
-                f"{r.upload_bytes / 1e6:.3f}",
-                f"{r.download_bytes / 1e6:.3f}",
-                f"{r.density:.3f}",
-                f"{r.wall_s:.2f}",
-            )
-        Console().print(table)
         console.print(f"stored in {store.url}; see `leanfed runs show {run_id}`")
     return run_id
 
