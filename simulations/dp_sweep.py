@@ -1,7 +1,7 @@
 """Tuning sweep of the record-level DP arm on a VALIDATION split (never the test set).
 
 ``python -m simulations.dp_sweep --out FILE [--jobs N] [--only NAME,...]``: every named
-setting (``SETTINGS``: changes to ``bench_privacy_dp.record_base``) at density 0.1, trained
+setting (``SETTINGS``: changes to ``bench_privacy_dp.session14_base``) at density 0.1, trained
 on the training set less ``VALIDATION`` held-out examples and scored on them, at epsilon 8
 (z calibrated as the bench does) and without DP. Rows are appended to FILE (JSON list) as
 they finish, so an interrupted sweep keeps what it measured. The bench's defaults are the
@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from simulations.bench_jobs import run_jobs
-from simulations.bench_privacy_dp import dp_arm_config, dp_row, record_base
+import torch
 
-__all__ = ["SETTINGS", "VALIDATION", "sweep_arms"]
+from simulations.bench_privacy_dp import dp_arm_config, dp_row, session14_base
+from simulations.grid import quiet_flower
+
+__all__ = ["CHOSEN", "SETTINGS", "VALIDATION", "sweep_arms"]
 
 # 10 % of MNIST-5k's 4,000 training examples (40 per digit); the sites share the other 3,600
 VALIDATION = 400
@@ -46,21 +50,40 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"fraction_train": 1.0, "min_train_nodes": 20, "privacy_clip": 1.0},
         {"activation": "tanh"},
     ),
+    "all-sites-lr0.05": ({"fraction_train": 1.0, "min_train_nodes": 20, "local_lr": 0.05}, {}),
+    "all-sites-lr0.2": ({"fraction_train": 1.0, "min_train_nodes": 20, "local_lr": 0.2}, {}),
+    "all-sites-clip1": ({"fraction_train": 1.0, "min_train_nodes": 20, "privacy_clip": 1.0}, {}),
+    "all-sites-40x5": (
+        {"fraction_train": 1.0, "min_train_nodes": 20, "num_server_rounds": 40, "local_steps": 5},
+        {},
+    ),
 }
 
 
-def sweep_arms(names: list[str], seed: int = 0) -> list[tuple[Any, ...]]:
-    """(config, kind, epsilon, name) of every setting at epsilon 8 and without DP."""
+# the setting the bench runs (``bench_privacy_dp.RECORD_TUNED`` / ``RECORD_MODEL``; tested):
+# the best epsilon-8 validation accuracy of the sweep (README, results/privacy/dp_sweep.json)
+CHOSEN = "all-sites"
+
+
+def sweep_arms(
+    names: list[str], seed: int = 0, epsilons: tuple[float, ...] = (8.0, math.inf)
+) -> list[tuple[Any, ...]]:
+    """(config, kind, epsilon, name) of every setting at ``epsilons`` (inf: without DP)."""
     arms = []
     for name in names:
         changes, model_options = SETTINGS[name]
         options = tuple(sorted(("model", k, v) for k, v in model_options.items()))
-        base = record_base(seed).replace(
+        base = session14_base(seed).replace(
             validation_size=VALIDATION, plugin_options=options, **changes
         )
-        for eps in (8.0, math.inf):
+        for eps in epsilons:
             arms.append((dp_arm_config(base, "record", eps, 0.1), "record", eps, name))
     return arms
+
+
+def _init() -> None:
+    torch.set_num_threads(1)  # as bench_jobs: one thread per arm, rows independent of cores
+    quiet_flower()
 
 
 def _row(cfg: Any, kind: str, eps: float, name: str) -> dict[str, Any]:
@@ -76,15 +99,25 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default=",".join(SETTINGS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eps", default="8,inf", help="comma-separated epsilons (inf: no DP)")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"unknown setting(s) {unknown}; known: {sorted(SETTINGS)}")
-    rows = run_jobs(_row, sweep_arms(names, args.seed), args.jobs, label="sweep arm")
-    old = json.loads(args.out.read_text()) if args.out.exists() else []
+    epsilons = tuple(float(e) for e in args.eps.split(","))
+    arms = sweep_arms(names, args.seed, epsilons)
+    rows = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(old + rows, indent=1) + "\n")
+    torch.set_num_threads(1)
+    with ProcessPoolExecutor(
+        max(1, min(args.jobs, len(arms))), mp_context=get_context("spawn"), initializer=_init
+    ) as pool:
+        for f in as_completed([pool.submit(_row, *a) for a in arms]):
+            rows.append(f.result())  # appended as each arm ends: a stopped sweep keeps them
+            old = json.loads(args.out.read_text()) if args.out.exists() else []
+            args.out.write_text(json.dumps([*old, rows[-1]], indent=1) + "\n")
+            print(f"done: {rows[-1]['setting']} eps={rows[-1]['epsilon']}", flush=True)
     for r in rows:
         eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:g}"
         print(f"{r['setting']:28s} eps={eps:4s} val_acc={r['final_accuracy']:.3f}")
