@@ -67,6 +67,8 @@ class EarlyScreen:
             )
         except (CodecError, ReplyError) as exc:
             got = exc
+        except Exception:  # not a payload verdict: left to the usual path, which meets it
+            return
         self._done[id(msg)] = (msg, got)
 
     def take(self, basis: Basis) -> Taken | None:

@@ -50,6 +50,8 @@ __all__ = ["RoundAborted", "SecAggSparseFedAvg"]
 class SecAggSparseFedAvg(SparseFedAvg):
     """SparseFedAvg with SecAgg+ secure summation of sparse updates on the Message API."""
 
+    screens_replies = False  # masked inputs are unmasked as a sum, never decoded one by one
+
     def __init__(
         self,
         *,

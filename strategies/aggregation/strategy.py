@@ -78,6 +78,8 @@ class SparseFedAvg(ReplyGuard, FedAvg):
     the merged values with everything off the consensus mask zeroed.
     """
 
+    screens_replies = True  # observe_reply screens train replies for validate_replies
+
     def __init__(  # noqa: PLR0913 - the knobs are the run config
         self,
         *,
@@ -271,7 +273,7 @@ class SparseFedAvg(ReplyGuard, FedAvg):
         """Screen a train reply as it arrives (`early`); a grid that streams replies calls
         this for each, and ``aggregate_train`` then finds its decode and checks done."""
         previous, mask = self._global, self.mask
-        if previous is not None and mask is not None:
+        if self.screens_replies and previous is not None and mask is not None:
 
             def setup() -> tuple[Decoder, ModelSpec]:
                 spec = self._spec(previous, mask)

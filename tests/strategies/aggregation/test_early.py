@@ -116,3 +116,26 @@ def test_a_payload_error_is_kept_and_raised_when_its_verdict_is_made() -> None:
         lookup(replies[0])
     screens.clear()
     assert len(screens) == 0 and screens.take(basis) is None
+
+
+def test_any_other_failure_is_left_to_the_usual_path() -> None:
+    """A screening that fails for a reason other than the payload keeps nothing (the verdict
+    path decodes that reply itself and meets the failure there, as without screening)."""
+    strategy, replies = _round()
+    assert strategy._global is not None and strategy.mask is not None
+    basis = (strategy._global, strategy.mask)
+    spec = strategy._spec(*basis)
+
+    def buggy(_msg: Message) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        raise KeyError("not a payload problem")
+
+    screens = EarlyScreen()
+    screens.add(replies[0], basis, lambda: (buggy, spec))
+    lookup = screens.take(basis)
+    assert len(screens) == 0 and lookup is not None and lookup(replies[0]) is None
+
+
+def test_secure_aggregation_does_not_screen_masked_inputs() -> None:
+    strategy = build_strategy(CFG.replace(secure_mode="secagg"))
+    assert isinstance(strategy, SparseFedAvg) and not strategy.screens_replies
+    assert build_strategy(CFG).screens_replies  # type: ignore[union-attr]
