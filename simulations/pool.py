@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import psutil
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
@@ -151,17 +152,29 @@ def torch_threads(n: int) -> Iterator[None]:
 _WORKER: dict[str, object] = {}
 
 
-def _exit_with_parent(parent: int) -> None:
+def _driver_alive(pid: int, started: float) -> bool:
+    """Whether the driver process still runs (a reused pid has another start time)."""
+    try:
+        return bool(psutil.Process(pid).create_time() == started)
+    except psutil.Error:
+        return False
+
+
+def _exit_with_driver(pid: int, started: float) -> None:
     # A SIGKILLed simulation cannot shut its pool down; its workers must not linger.
-    while os.getppid() == parent:
+    # Watch the driver itself, not getppid(): under forkserver a worker's parent is the
+    # fork server, which may outlive the driver.
+    while _driver_alive(pid, started):
         time.sleep(1.0)
     os._exit(0)
 
 
-def _init_worker(app_ref: str, run_config: RunConfig, threads: int) -> None:
+def _init_worker(
+    app_ref: str, run_config: RunConfig, threads: int, driver: tuple[int, float]
+) -> None:
     import torch
 
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_driver, args=driver, daemon=True).start()
     # Ctrl-C reaches the whole process group: the parent stops the run, marks it
     # interrupted and shuts the pool down; a worker's own KeyboardInterrupt would only
     # print a traceback per worker over the parent's one-line message.
@@ -193,6 +206,11 @@ def _ping(_: int) -> int:
     return os.getpid()
 
 
+def _this_process() -> tuple[int, float]:
+    me = psutil.Process()
+    return me.pid, me.create_time()
+
+
 class WorkerPool:
     """``workers`` processes that each import the ClientApp once and run node jobs."""
 
@@ -206,7 +224,7 @@ class WorkerPool:
             max_workers=workers,
             mp_context=mp.get_context(method),
             initializer=_init_worker,
-            initargs=(app_ref, dict(run_config), 1),
+            initargs=(app_ref, dict(run_config), 1, _this_process()),
         )
 
     def start(self, attempts: int = 20) -> list[int]:

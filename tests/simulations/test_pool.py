@@ -1,0 +1,57 @@
+"""The embedded engine's worker pool: workers exit when their driver is killed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+# A driver that starts a 2-worker pool, prints the workers' pids, then waits to be killed.
+DRIVER = """
+import sys, time
+from simulations.pool import WorkerPool
+pool = WorkerPool("client.app:app", {}, 2)
+print(" ".join(str(p) for p in pool.start()), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_workers_exit_when_the_driver_is_sigkilled() -> None:
+    # Under forkserver a worker's parent is the fork server, not the driver: a worker
+    # that watched getppid() outlived a SIGKILLed driver (seen: orphaned workers).
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, env=env
+    )
+    workers: list[int] = []
+    try:
+        assert driver.stdout is not None
+        workers = [int(p) for p in driver.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        # Hang guard only (no timing claim): a worker polls its driver once a second.
+        for _ in range(600):
+            if not any(_alive(p) for p in workers):
+                break
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
