@@ -74,17 +74,26 @@ def cell_config(cell: Cell, seed: int, rounds: int) -> LeanfedConfig:
     return base.replace(strategy="sparse", dst_rule="rigl", dst_density=0.1)
 
 
+ENGINES = ("ray", "inprocess")
+
+
 def plan(
-    clients: Iterable[int], fractions: Iterable[float], workers: int, identity_check: int | None
+    clients: Iterable[int],
+    fractions: Iterable[float],
+    workers: int,
+    identity_check: int | None,
+    engines: Iterable[str] = ENGINES,
 ) -> list[Cell]:
     """Cheap cells first, so a time budget cuts only the largest ones."""
+    chosen = set(engines)
     cells = [
         Cell(engine, strategy, n, f, workers)
         for n in clients
         for f in fractions
         for engine, strategy in ARMS
+        if engine in chosen
     ]
-    if identity_check is not None and workers != 1:
+    if identity_check is not None and workers != 1 and "inprocess" in chosen:
         # The same embedded run on one worker: its model must be bit-identical.
         cells += [Cell("inprocess", "leanfed", identity_check, f, 1) for f in fractions]
     return sorted(cells, key=lambda c: c.clients * c.fraction)
@@ -291,6 +300,7 @@ def run_bench(
     fractions: list[float] | None = None,
     max_messages: int | None = None,
     seconds_per_message: float = 0.05,
+    engines: Iterable[str] = ENGINES,
 ) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = default_workers() if workers is None else workers
@@ -298,7 +308,9 @@ def run_bench(
     clients = clients or ([8] if quick else [100, 1000, 10_000])
     fractions = fractions or ([0.5, 1.0] if quick else [0.1, 1.0])
     at = clients[-1] if quick else 1000
-    cells = plan(clients, fractions, workers, identity_check=at if at in clients else None)
+    cells = plan(
+        clients, fractions, workers, identity_check=at if at in clients else None, engines=engines
+    )
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for i, cell in enumerate(cells, 1):
@@ -383,6 +395,10 @@ def register(bench_app: typer.Typer) -> None:
             int | None,
             typer.Option("--max-messages", help="record larger cells as not run"),
         ] = None,
+        engines: Annotated[
+            str | None,
+            typer.Option("--engines", help="comma list of ray,inprocess (default both)"),
+        ] = None,
     ) -> None:
         """Round time, messages/s, start-up and memory of both engines at 100-10,000 clients."""
         try:
@@ -391,8 +407,12 @@ def register(bench_app: typer.Typer) -> None:
         except ValueError as exc:
             console.print(f"[red]error:[/red] --clients/--fractions: {exc}")
             raise typer.Exit(1) from exc
+        e = engines.split(",") if engines else list(ENGINES)
+        if not e or any(x not in ENGINES for x in e):
+            console.print(f"[red]error:[/red] --engines: a comma list of {', '.join(ENGINES)}")
+            raise typer.Exit(1)
         rows = run_bench(
-            out, seed, quick, workers, cell_timeout, budget, n, f, max_messages, per_message
+            out, seed, quick, workers, cell_timeout, budget, n, f, max_messages, per_message, e
         )
         done = sum("missing" not in r for r in rows)
         console.print(f"{done}/{len(rows)} cells measured; {out / 'results.json'}")

@@ -29,6 +29,19 @@ def test_plan_covers_every_arm_and_checks_one_worker_at_1000() -> None:
     assert loads == sorted(loads) and loads[-1] == 10_000  # the largest cells run last
 
 
+def test_plan_for_one_engine_keeps_only_its_cells() -> None:
+    cells = plan([1000, 10_000], [1.0], workers=2, identity_check=1000, engines=["inprocess"])
+    assert cells == [
+        Cell("inprocess", "leanfed", 1000, 1.0, 2),
+        Cell("inprocess", "leanfed", 1000, 1.0, 1),
+        Cell("inprocess", "leanfed", 10_000, 1.0, 2),
+    ]
+    ray_only = plan([1000], [0.1], workers=2, identity_check=1000, engines=["ray"])
+    assert [(c.engine, c.strategy) for c in ray_only] == [
+        ("ray", "flower-fedavg"), ("ray", "leanfed")
+    ]  # no 1-worker identity cell without the embedded engine
+
+
 def _row(engine: str, strategy: str, workers: int, round_s: float, sha: str = "a") -> dict:
     return {
         "engine": engine, "strategy": strategy, "clients": 1000, "fraction": 0.1,
