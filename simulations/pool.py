@@ -153,9 +153,14 @@ _WORKER: dict[str, object] = {}
 
 
 def _driver_alive(pid: int, started: float) -> bool:
-    """Whether the driver process still runs (a reused pid has another start time)."""
+    """Whether the driver process still runs (a reused pid has another start time).
+
+    A driver that died but was not reaped yet (a zombie: its parent has not waited for
+    it) counts as dead, so the workers do not wait for that parent to reap it.
+    """
     try:
-        return bool(psutil.Process(pid).create_time() == started)
+        proc = psutil.Process(pid)
+        return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
