@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 from strategies.codec_masks import (
     MASK_ALL,
@@ -63,6 +64,7 @@ from strategies.codec_masks import (
     varint,
     write_mask,
 )
+from strategies.codec_npy import npy_u8_body, u8_array
 
 __all__ = [
     "MASK_ALL",
@@ -434,8 +436,7 @@ def payload_flags(payload: bytes) -> dict[str, bool]:
 
 def to_arrayrecord(payload: bytes) -> ArrayRecord:
     """Wrap a payload as a Flower ArrayRecord: key PAYLOAD_KEY, one 1-D uint8 Array."""
-    arr = np.frombuffer(bytes(payload), dtype=np.uint8).copy()
-    return ArrayRecord({PAYLOAD_KEY: Array(arr)})
+    return ArrayRecord({PAYLOAD_KEY: u8_array(bytes(payload))})
 
 
 def payload_array(rec: ArrayRecord, max_bytes: int | None = None) -> Array:
@@ -456,6 +457,10 @@ def from_arrayrecord(rec: ArrayRecord, max_bytes: int | None = None) -> bytes:
     `max_bytes` (e.g. `max_payload_bytes(spec)`): refuse a larger Array before reading it.
     """
     array = payload_array(rec, max_bytes)
+    if array.stype == SType.NUMPY and isinstance(array.data, bytes):
+        body = npy_u8_body(array.data)  # np.save's exact framing: no header parse
+        if body is not None:
+            return bytes(body)
     try:
         arr = array.numpy()
     except Exception as exc:  # a forged Array can fail to deserialize in many ways
