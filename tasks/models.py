@@ -1,4 +1,4 @@
-"""Reference models (CNN, transformer, grid GNN, MLP); in tasks/ so client and server share them."""
+"""Reference models (CNN, transformer, grid GNN, MLP, ScatterNet); shared by client and server."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from strategies.plugins import PluginError, Registry, check_options, option_kwargs
 from strategies.sparse.units import Consumer, UnitGroup
+from tasks.scattering import ScatterCNN, ScatterLinear
 
 
 class ModelError(PluginError):
@@ -372,6 +373,26 @@ def mlp(
     input_shape: tuple[int, ...], num_classes: int, seed: int, hidden: int = 128, hidden2: int = 64
 ) -> nn.Module:
     return MLP(input_shape, num_classes, (hidden, hidden2))
+
+
+@MODEL_REGISTRY.register("scatter-linear")
+def scatter_linear(
+    input_shape: tuple[int, ...], num_classes: int, seed: int, j: int = 2, groups: int = 27
+) -> nn.Module:
+    return ScatterLinear(input_shape, num_classes, j, groups)
+
+
+@MODEL_REGISTRY.register("scatter-cnn")
+def scatter_cnn(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int,
+    j: int = 2,
+    groups: int = 27,
+    width: int = 32,
+    activation: str = "tanh",
+) -> nn.Module:
+    return ScatterCNN(input_shape, num_classes, j, groups, width, activation)
 
 
 MODELS: tuple[str, ...] = tuple(MODEL_REGISTRY.builtin_names())

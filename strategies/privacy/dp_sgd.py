@@ -9,7 +9,9 @@ Sparse: a pruned weight is held at 0 and never updated, so its gradient neither 
 g_i's norm nor receives noise: noise is added only where the mask keeps a weight (tensors
 without a mask entry, e.g. biases, are kept everywhere). Noise on pruned entries would be
 thrown away by the mask anyway, and adding it to zeros would densify the model.
-Models with BatchNorm (cross-example statistics) are not supported by DP-SGD.
+Models with BatchNorm (cross-example statistics) are not supported by DP-SGD. A model's
+``fixed_features(x)`` (a parameter-free per-example prefix) runs once per batch, outside vmap;
+its ``forward(f, precomputed=True)`` then takes those features.
 """
 
 from __future__ import annotations
@@ -50,9 +52,18 @@ def per_example_grads(
             )
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
+    kwargs: dict[str, bool] = {}
+    prefix = getattr(model, "fixed_features", None)
+    if callable(prefix):
+        # a parameter-free, per-example prefix (e.g. tasks.scattering's ScatterNet): the same
+        # function of each example whether run batched or per example, so it runs once per
+        # batch outside vmap and only the trainable rest is differentiated per example
+        with torch.no_grad():
+            x = prefix(x)
+        kwargs = {"precomputed": True}
 
     def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))  # [1, classes]
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),), kwargs)  # [1, classes]
         return F.cross_entropy(out, yi.unsqueeze(0))
 
     per_ex = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")
