@@ -17,9 +17,15 @@ from logging import INFO, WARNING
 
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from strategies.aggregation.metric_rules import PER_CLIENT_KEYS, check_metrics, common_keys
+from strategies.aggregation.metric_rules import (
+    PER_CLIENT_KEYS,
+    check_metrics,
+    common_keys,
+    weighted_average,
+)
 from strategies.aggregation.validate import (
     NormBound,
     ReplyLimits,
@@ -164,6 +170,9 @@ class ReplyGuard:
         )
         if not records:
             return MetricRecord()
+        scalars = all(not isinstance(v, list) for r in records for v in r.values())
+        if aggr is aggregate_metricrecords and scalars:  # Flower's default, minus the records
+            return weighted_average(records, self.weighted_by_key)
         contents = [RecordDict({"metrics": MetricRecord(r)}) for r in records]  # type: ignore[arg-type]
         return aggr(contents, self.weighted_by_key)
 

@@ -73,6 +73,12 @@ def stack_kept(
         vals = torch.stack(parts).to(torch.float64)
     else:
         vals = torch.stack([t.to(torch.float64) for t in parts])
+    keep, weights = stack_keep(updates, key)
+    return vals, keep, weights
+
+
+def stack_keep(updates: list[ClientUpdate], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`stack_kept` without the values: (keep [C, *shape] bool, weights [C] float64)."""
     keep = torch.stack(
         [
             u.mask[key].bool()
@@ -82,7 +88,20 @@ def stack_kept(
         ]
     )
     weights = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
-    return vals, keep, weights
+    return keep, weights
+
+
+def weighted_keep(keep: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``keep.to(float64) * weights`` per client ([C, *shape] float64), in one pass.
+
+    With every weight positive and finite, 1.0 * w is w and 0.0 * w is +0.0 exactly, so
+    selecting w or 0.0 gives the product's very bits without materialising the float
+    copy of ``keep`` (the merge's largest temporary). Other weights take the product.
+    """
+    w = weights.view(-1, *([1] * (keep.dim() - 1)))
+    if bool(torch.isfinite(weights).all()) and bool((weights > 0).all()):
+        return torch.where(keep, w, torch.zeros((), dtype=torch.float64))
+    return keep.to(torch.float64) * w
 
 
 def _finish(merged: torch.Tensor, covered: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -103,7 +122,7 @@ def masked_weighted_mean(
     out: dict[str, torch.Tensor] = {}
     for key in _check(updates, previous_global):
         vals, keep, w = stack_kept(updates, key)  # [C, *shape], [C, *shape], [C]
-        wk = keep.to(torch.float64) * w.view(-1, *([1] * (vals.dim() - 1)))
+        wk = weighted_keep(keep, w)
         denom = wk.sum(0)
         merged = (wk * vals).sum(0) / denom.clamp_min(1e-300)
         out[key] = _finish(merged, denom > 0, previous_global[key])
@@ -206,8 +225,8 @@ def consensus_mask(
             raise ValueError(f"target density for {key!r} must be in [0, 1], got {density}")
         if key not in values_for_tiebreak:
             raise ValueError(f"no tie-break values for masked key {key!r}")
-        _, keep, w = stack_kept(updates, key)
-        votes[key] = (keep.to(torch.float64) * w.view(-1, *([1] * (keep.dim() - 1)))).sum(0)
+        keep, w = stack_keep(updates, key)  # the values are not needed for a vote
+        votes[key] = weighted_keep(keep, w).sum(0)
     return consensus_from_votes(votes, target_densities, values_for_tiebreak, structure, unit_rows)
 
 

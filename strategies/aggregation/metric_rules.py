@@ -17,6 +17,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from flwr.app import MetricRecord
+
 WEIGHT_KEY = "num-examples"
 MAX_METRIC_KEYS = 256  # a reply with more keys than this is refused outright
 _BIG = float(2**53)  # integer counters: exact in float64, the aggregation arithmetic
@@ -157,6 +159,20 @@ def common_keys(records: list[dict[str, int | float]]) -> list[dict[str, int | f
         return []
     keys = set(records[0]).intersection(*records[1:])
     return [{k: v for k, v in r.items() if k in keys} for r in records]
+
+
+def weighted_average(records: list[dict[str, int | float]], weight_key: str) -> MetricRecord:
+    """Flower's ``aggregate_metricrecords`` over plain dicts: every key but ``weight_key``
+    averaged with weights ``w / sum(w)``, in the same operations and order, so the same
+    floats, without building a RecordDict and a MetricRecord per reply."""
+    weights = [r[weight_key] for r in records]
+    total = sum(weights)
+    out: dict[str, int | float] = {}
+    for record, factor in zip(records, [w / total for w in weights], strict=True):
+        for key, value in record.items():
+            if key != weight_key:
+                out[key] = value * factor if key not in out else out[key] + value * factor
+    return MetricRecord(out)
 
 
 # The plaintext record of a masked SecAgg+ reply under record-level DP: its keys and rules.
