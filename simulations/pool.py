@@ -242,8 +242,10 @@ class WorkerPool:
         return sorted(seen)
 
     def run(self, jobs: Sequence[NodeJob]) -> Iterator[NodeResult]:
-        """Results in job order. Chunks amortize the pipe round trip over several nodes."""
-        chunk = max(1, min(16, len(jobs) // (4 * self.workers)))
+        """Results in job order. Chunks amortize the pipe round trip over several nodes;
+        about 16 per worker keep the round's end even (a worker left with the last big
+        chunk idles the other cores) and replies streaming to the server early."""
+        chunk = max(1, min(16, len(jobs) // (16 * self.workers)))
         results = self._executor.map(_run_in_worker, jobs, chunksize=chunk)
         try:
             yield from results

@@ -42,6 +42,7 @@ from strategies.sparse.dst_config import RULE_TABLE, RULES, STRUCTURED_RULES, DS
 from strategies.sparse.layout import plan_densities, planned_random_mask, unit_rows
 from strategies.sparse.masks import (
     Mask,
+    OffMasks,
     Predicate,
     mask_density,
     ones_mask,
@@ -154,9 +155,11 @@ class DSTController:
                 scores = saliency_scores(config.init, model, self._params, init_loss_fn)
                 init = saliency_mask(scores, densities, self.slices)
         self.mask: Mask = {n: init[n].to(self._params[n].device) for n in self.shapes}
+        self._off = OffMasks()  # ~mask per step, reused while the mask stays the same
         self._apply()
         for n, m in self.mask.items():  # optimizer may already hold state (e.g. resumed)
-            self._reset_optimizer_state(n, ~m)
+            if self.optimizer.state.get(self._params[n]):
+                self._reset_optimizer_state(n, self._off(n, m))
 
     # -- queries --------------------------------------------------------------------------
 
@@ -204,7 +207,7 @@ class DSTController:
                 # |dL/dW| over the FULL tensor, before masking: RigL's grow score (the dense
                 # gradient is already computed by autograd on dense kernels).
                 self._dense_grads[n] = g.detach().clone()
-            g.masked_fill_(~self.mask[n], 0.0)
+            g.masked_fill_(self._off(n, self.mask[n]), 0.0)
 
     def step(self, scaler: Any | None = None) -> dict[str, int]:
         """``optimizer.step()`` (or ``scaler.step`` + ``update``), then ``after_optimizer_step``.
@@ -325,7 +328,7 @@ class DSTController:
     def _apply(self) -> None:
         with torch.no_grad():
             for n, p in self._params.items():
-                p.masked_fill_(~self.mask[n], 0.0)
+                p.masked_fill_(self._off(n, self.mask[n]), 0.0)
         if self.groups:
             zero_dead_shifts(self.model, self.mask, self.groups)
 

@@ -237,3 +237,25 @@ def mask_from_bytes(
         except MaskError as e:
             raise MaskError(f"{name}: {e}") from e
     return out
+
+
+class OffMasks:
+    """``~mask[name]`` per name, computed once per mask tensor and state.
+
+    A training step masks gradients and weights with the complement of a mask that stays
+    fixed for a whole round; on a small model the ``~`` costs as much as the masking. An
+    entry is reused only for the very tensor it was computed from (held, so its identity
+    cannot be reused) at the same in-place version: a mask replaced or changed in place
+    gets a fresh complement. Callers must not modify what it returns.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def __call__(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] is mask and hit[1] == mask._version:
+            return hit[2]
+        off = ~mask
+        self._cache[name] = (mask, mask._version, off)
+        return off

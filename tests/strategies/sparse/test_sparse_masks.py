@@ -146,3 +146,36 @@ def test_mask_bytes_round_trip_and_key_errors() -> None:
         mask_from_bytes({"a": d["a"]}, shapes)
     with pytest.raises(MaskError, match="^a: "):
         mask_from_bytes({**d, "a": d["a"][:1]}, shapes)
+
+
+def test_off_masks_equal_the_complement_and_follow_changes() -> None:
+    from strategies.sparse.masks import OffMasks
+
+    off = OffMasks()
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(4, 5, generator=g) < 0.3
+    first = off("w", m)
+    assert torch.equal(first, ~m)
+    assert off("w", m) is first  # the same tensor, unchanged: reused
+    m[0, 0] = not bool(m[0, 0])  # changed in place: a fresh complement
+    assert torch.equal(off("w", m), ~m)
+    other = m.clone()  # equal values, another tensor: computed for that tensor
+    assert torch.equal(off("w", other), ~other) and off("w", other) is not first
+    assert torch.equal(off("v", ~m), m)  # per name
+
+
+def test_controller_masks_with_a_mask_changed_in_place() -> None:
+    from strategies.sparse.engine import DSTConfig, DSTController
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctl = DSTController(model, opt, DSTConfig(rule="static", density=0.5), total_steps=4)
+    name = next(iter(ctl.mask))
+    ctl._apply()  # caches the complement of the current mask
+    with torch.no_grad():
+        ctl._params[name].fill_(1.0)
+    ctl.mask[name][0, :] = False  # in place: row 0 now masked everywhere
+    ctl._apply()
+    assert torch.equal(ctl._params[name].detach() != 0, ctl.mask[name])
+    ctl.check_invariants()
