@@ -16,8 +16,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from flwr.app import MetricRecord
+from flwr.app.typing import MetricRecordValues
 
 WEIGHT_KEY = "num-examples"
 MAX_METRIC_KEYS = 256  # a reply with more keys than this is refused outright
@@ -172,7 +174,7 @@ def weighted_average(records: list[dict[str, int | float]], weight_key: str) -> 
         for key, value in record.items():
             if key != weight_key:
                 out[key] = value * factor if key not in out else out[key] + value * factor
-    return MetricRecord(out)
+    return MetricRecord(cast(dict[str, MetricRecordValues], out))
 
 
 # The plaintext record of a masked SecAgg+ reply under record-level DP: its keys and rules.
