@@ -14,13 +14,16 @@ import psutil
 import pytest
 
 # A driver that starts a 2-worker pool, prints the workers' pids, then waits to be killed.
+# Its ClientApp is an empty one: how a worker follows its driver does not depend on the
+# app, and leanfed's client.app costs seconds of imports in the driver and in each worker.
 DRIVER = """
 import sys, time
 from simulations.pool import WorkerPool
-pool = WorkerPool("client.app:app", {}, 2)
+pool = WorkerPool("empty_client_app:app", {}, 2)
 print(" ".join(str(p) for p in pool.start()), flush=True)
 time.sleep(600)
 """
+EMPTY_APP = "from flwr.clientapp import ClientApp\n\napp = ClientApp()\n"
 
 
 def _alive(pid: int) -> bool:
@@ -31,10 +34,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
-def test_workers_exit_when_the_driver_is_sigkilled(reaped: bool) -> None:
+def test_workers_exit_when_the_driver_is_sigkilled(reaped: bool, tmp_path: Path) -> None:
     # Under forkserver a worker's parent is the fork server, not the driver: a worker
     # that watched getppid() outlived a SIGKILLed driver (seen: orphaned workers).
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    (tmp_path / "empty_client_app.py").write_text(EMPTY_APP)
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[2]), str(tmp_path)])
+    env = {**os.environ, "PYTHONPATH": path}
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, env=env
     )
