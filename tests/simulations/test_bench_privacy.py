@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,8 +13,19 @@ from simulations.bench_privacy import neighbours_for, run_bench
 SECURE_KEYS = {"dropout", "upload_ratio", "aborted_rounds"}  # beyond the issue's schema
 
 
-def test_quick_privacy_bench(tmp_path: Path, privacy_row_keys: frozenset[str]) -> None:
-    rows = run_bench(tmp_path, seed=1, rounds=2, quick=True, dataset="digits")
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    """One in-process (jobs=1) quick run and its output folder, shared by the module: the
+    schema test checks it and the jobs test compares a jobs=2 run with it (each used to
+    run the same seeded bench on its own)."""
+    out = tmp_path_factory.mktemp("privacy-quick")
+    return run_bench(out, seed=1, rounds=2, quick=True, dataset="digits"), out
+
+
+def test_quick_privacy_bench(
+    quick_run: tuple[list[dict[str, Any]], Path], privacy_row_keys: frozenset[str]
+) -> None:
+    rows, tmp_path = quick_run
     assert rows == json.loads((tmp_path / "results.json").read_text())
     assert [(r["mode"], r["clients"], r["dropout"]) for r in rows] == [
         ("plain", 4, 0.0),
@@ -44,9 +56,11 @@ def _untimed(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-def test_jobs_two_equals_jobs_one(tmp_path: Path) -> None:
+def test_jobs_two_equals_jobs_one(
+    quick_run: tuple[list[dict[str, Any]], Path], tmp_path: Path
+) -> None:
     """Every arm is seeded on its own and runs on one torch thread, in process or not."""
-    one = run_bench(tmp_path / "1", seed=1, rounds=2, quick=True, dataset="digits")
+    one, _ = quick_run
     two = run_bench(tmp_path / "2", seed=1, rounds=2, quick=True, dataset="digits", jobs=2)
     assert len(one) == 3 and _untimed(two) == _untimed(one)
     summary = json.loads((tmp_path / "2" / "summary.json").read_text())
