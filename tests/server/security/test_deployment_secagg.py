@@ -40,6 +40,7 @@ def test_secagg_round_over_tls_deployment(
         tmp_path,
         [{"data-path": str(p), **node_extra} for p in sites],
         run_config=[RUN_CONFIG[0] + ' secure.mode="secagg"' + extra_config],
+        intruder=False,  # the refused SuperNode is test_deployment's; not asserted here
     )
     result = out["result"]
     assert isinstance(result, processes.CliResult)
