@@ -17,6 +17,7 @@ from client.local import RoundOutcome, local_evaluate, local_round
 from client.statics import (
     client_round_seed,
     fresh_model,
+    load_values,
     run_config,
     seeded_global_rng,
     work_model,
@@ -83,13 +84,16 @@ def _receive(msg: Message, context: Context, model: torch.nn.Module) -> Mask | N
         model.load_state_dict(arrays.to_torch_state_dict())
         return None
     # The server's payload must hold exactly this model's tensors (checked before allocating).
-    expected = codec.expected_spec(model.state_dict(), None)
+    state = model.state_dict(keep_vars=True)
+    expected = codec.expected_spec(state, None)
     # Every node of a round gets the same bytes: decode them once per process.
+    held = _held(context)
     values, mask, packed = received.decode_broadcast(
-        arrays, _held(context), lambda: _load_mask(context), expected
+        arrays, held, lambda: _load_mask(context), expected
     )
-    _save_packed(context, packed)
-    model.load_state_dict(values)
+    if packed != held:  # an unchanged mask leaves the stored record (and its bytes) as is
+        _save_packed(context, packed)
+    load_values(model, values, state)
     return mask
 
 
@@ -109,12 +113,13 @@ def _model_and_data(
 def train(msg: Message, context: Context) -> Message:
     """Train locally under the global mask and reply with values under the client's own mask."""
     cfg = _config(context)
-    server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+    config = msg.content.config_records["config"]  # a view rebuilt per access: read once
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
     # Dropout draws from the global RNG: seed it per (run, round, node) for this round.
     with seeded_global_rng(client_round_seed(cfg.seed, server_round, context.node_id)):
         model, out, on_wire = _train_round(msg, context, cfg, server_round)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    if msg.content.config_records["config"].get(secagg_wire.MODE_KEY) == "secagg":
+    if config.get(secagg_wire.MODE_KEY) == "secagg":
         if out.mask is None:
             raise ValueError("secure aggregation needs the sparse strategy's masked messages")
         # The global this round started from, decoded again: the update is local - global.
@@ -174,7 +179,8 @@ def _train_round(
     carries (None otherwise).
     """
     capacity = node_capacity(dict(context.node_config))
-    condensed = msg.content.config_records["config"].get(CONDENSED_KEY) == 1
+    config = msg.content.config_records["config"]
+    condensed = config.get(CONDENSED_KEY) == 1
     on_wire: list[str] | None = None
     if cfg.cl_scenario != "none":
         started = time.perf_counter()
@@ -190,7 +196,7 @@ def _train_round(
         # Real Flower node ids are random 64-bit numbers: fold the seed into int64 range.
         seed = (cfg.seed * 1_000_003 + context.node_id * 7919 + server_round) % (2**63)
         gen = torch.Generator().manual_seed(seed)
-        mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))  # type: ignore[arg-type]
+        mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]
         started = time.perf_counter()  # local training only (not data loading or decoding)
         out = local_round(model, x, y, cfg, server_round, mask, gen, mu, condensed=condensed)
         if cfg.privacy_mode == "record":  # this site's epsilon over all its DP-SGD steps

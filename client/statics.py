@@ -87,6 +87,44 @@ def work_model(cfg: LeanfedConfig, input_shape: Shape, num_classes: int) -> torc
     return model
 
 
+def _plain(model: torch.nn.Module) -> bool:
+    """No module customises loading or saving a state dict (hooks, overrides, extra state)."""
+    base = torch.nn.Module
+    return all(
+        type(m)._load_from_state_dict is base._load_from_state_dict
+        and type(m).get_extra_state is base.get_extra_state
+        and not (
+            m._load_state_dict_pre_hooks
+            or m._load_state_dict_post_hooks
+            or m._state_dict_hooks
+            or m._state_dict_pre_hooks
+        )
+        for m in model.modules()
+    )
+
+
+def load_values(
+    model: torch.nn.Module,
+    values: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """``model.load_state_dict(values)`` (strict): for a plain model whose state dict has
+    exactly ``values``' keys and shapes, the ``copy_`` per tensor that torch's loader
+    does, without its per-module walk; anything else goes through ``load_state_dict``.
+    ``state``: ``model.state_dict(keep_vars=True)`` if the caller has it."""
+    sd = model.state_dict(keep_vars=True) if state is None else state
+    if (
+        sd.keys() != values.keys()
+        or any(sd[k].shape != values[k].shape for k in sd)
+        or not _plain(model)
+    ):
+        model.load_state_dict(values)
+        return
+    with torch.no_grad():
+        for k, t in sd.items():
+            t.copy_(values[k])
+
+
 def client_round_seed(seed: int, server_round: int, node_id: int) -> int:
     """A 63-bit seed from (run seed, round, node id) alone, for the node's process RNG."""
     digest = hashlib.sha256(f"leanfed-client-rng/{seed}/{server_round}/{node_id}".encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -77,3 +78,40 @@ def test_seeded_global_rng_repeats_draws_and_restores_the_process_stream() -> No
     torch.manual_seed(0)
     assert torch.equal(first, again)
     assert torch.equal(after, torch.rand(4))  # the block left the process stream untouched
+
+
+def _loaded(model: torch.nn.Module, values: dict[str, torch.Tensor], fast: bool) -> list[bytes]:
+    from client.statics import load_values
+
+    if fast:
+        load_values(model, values)
+    else:
+        model.load_state_dict(values)
+    return [t.detach().numpy().tobytes() for t in model.state_dict().values()]
+
+
+def test_load_values_is_load_state_dict() -> None:
+    torch.manual_seed(0)
+    for make in (
+        lambda: torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)),
+        lambda: torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)),  # slow path
+    ):
+        src, a, b = make(), make(), make()
+        values = {k: v.detach() * 3 + 1 for k, v in src.state_dict().items()}
+        assert _loaded(a, values, True) == _loaded(b, values, False)
+        assert all(p.requires_grad for p in a.parameters())
+
+
+def test_load_values_keeps_load_state_dict_errors_and_hooks() -> None:
+    from client.statics import load_values
+
+    model = torch.nn.Linear(3, 2)
+    good = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError):  # a missing key: strict, as load_state_dict
+        load_values(model, {"weight": good["weight"]})
+    with pytest.raises(RuntimeError):  # a wrong shape
+        load_values(model, {**good, "bias": torch.ones(3)})
+    seen: list[int] = []
+    model.register_load_state_dict_post_hook(lambda m, keys: seen.append(1))
+    load_values(model, good)
+    assert seen == [1]  # a hooked model is loaded by torch, hooks run
