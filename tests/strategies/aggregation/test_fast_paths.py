@@ -76,3 +76,54 @@ def test_merge_unchanged_on_a_fixed_case() -> None:
     ]
     out = masked_weighted_mean(ups, prev)["w"]
     assert out.tolist() == [1.75, 2.0, 6.0]
+
+
+def _old_masked_weighted_mean(
+    updates: list[ClientUpdate], previous: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """masked_weighted_mean as it was: float64 stacks and an explicit float mask."""
+    out = {}
+    for key, prev in previous.items():
+        vals = torch.stack([u.values[key].to(torch.float64) for u in updates])
+        keep = torch.stack(
+            [
+                u.mask[key] if key in u.mask else torch.ones_like(prev, dtype=torch.bool)
+                for u in updates
+            ]
+        )
+        w = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+        wk = keep.to(torch.float64) * w.view(-1, *([1] * (vals.dim() - 1)))
+        denom = wk.sum(0)
+        merged = (wk * vals).sum(0) / denom.clamp_min(1e-300)
+        full = torch.where(denom > 0, merged, prev.to(torch.float64))
+        out[key] = (
+            full.to(prev.dtype) if prev.dtype.is_floating_point else full.round().to(prev.dtype)
+        )
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 30), st.integers(0, 2**31), st.floats(0.05, 1.0))
+def test_masked_weighted_mean_bits_unchanged(clients: int, seed: int, density: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    prev = {
+        "w": torch.randn(7, 9, generator=g),
+        "b": torch.randn(9, generator=g),
+        "n": torch.tensor(5, dtype=torch.int64),
+        "h": torch.randn(3, generator=g).to(torch.float16),
+    }
+    ups = []
+    for i in range(clients):
+        m = torch.rand(7, 9, generator=g) < density
+        scale = float(torch.rand(1, generator=g)) * 1e4
+        vals = {
+            "w": torch.randn(7, 9, generator=g) * scale * m,
+            "b": torch.randn(9, generator=g) * scale,
+            "n": torch.tensor(int(torch.randint(0, 100, (1,), generator=g))),
+            "h": (torch.randn(3, generator=g)).to(torch.float16),
+        }
+        ups.append(ClientUpdate(i, vals, {"w": m}, int(torch.randint(1, 500, (1,), generator=g))))
+    new, old = masked_weighted_mean(ups, prev), _old_masked_weighted_mean(ups, prev)
+    for k in prev:
+        assert new[k].dtype == old[k].dtype
+        assert new[k].numpy().tobytes() == old[k].numpy().tobytes(), k
