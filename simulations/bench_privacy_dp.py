@@ -61,7 +61,14 @@ SECAGG_RECORD = "secagg+dp-record"  # record-level DP (DP-SGD at each site), Sec
 KINDS = ("record", "client", SECAGG_DP, SECAGG_RECORD)
 # The record-level settings picked on a validation split (`simulations.dp_sweep`, README):
 # changes to ``session14_base`` and the CNN's model options.
-RECORD_TUNED: dict[str, Any] = {"fraction_train": 1.0, "min_train_nodes": 20}
+# Session 16: a fixed ScatterNet and a small CNN head (tasks.scattering; Tramer & Boneh 2021),
+# its classifier dense as the CNN's was (session 15: the CNN, conv1/fc2 dense).
+RECORD_TUNED: dict[str, Any] = {
+    "fraction_train": 1.0,
+    "min_train_nodes": 20,
+    "model": "scatter-cnn",
+    "dst_exclude": "fc.weight",
+}
 RECORD_MODEL: dict[str, Any] = {}
 SECURE_KINDS = {SECAGG_DP: "client", SECAGG_RECORD: "record"}  # kind -> its DP mode
 

@@ -110,6 +110,8 @@ def test_memoised_features_equal_the_computed_ones() -> None:
     again = model.fixed_features(torch.cat([x[3:], torch.rand(1, 1, 28, 28)]))  # 2 hits, 1 miss
     assert len(scattering._MEMO) == 6
     assert torch.equal(first, direct) and torch.equal(again[:2], direct[3:])
+    # bit-for-bit the same alone as in a batch, so memoised rows do not depend on batching
+    assert torch.equal(model._compute(x[3:4]), direct[3:4])
     # GroupNorm per example: each image's 27 groups have mean 0 (no data statistics)
     assert direct.reshape(5, 27, -1).mean(-1).abs().max() < 1e-5
     assert torch.equal(model(x), model(first, precomputed=True))
