@@ -3,9 +3,10 @@
 Record-level (DP-SGD on every site, ``privacy.mode = "record"``): MNIST-5k, 20 clients (IID,
 so every site has about the same number of examples), EVERY site in every round (so the
 calibration below is exact, not a bound), 20 rounds x 10 DP-SGD steps of Poisson batch 32,
-SGD lr 0.1 momentum 0.9, clip 2; the CNN's first conv and classifier are dense in the sparse
-arms (see ``record_base``). Picked on a VALIDATION split (400 of the 4,000 training examples,
-`simulations.dp_sweep`, seed 0); the bench trains on all 4,000 and reports the 1,000-image
+SGD lr 0.1 momentum 0.9, clip 2; the model is ``scatter-cnn`` (a fixed ScatterNet, Tramer &
+Boneh 2021, and a small trained CNN head, `tasks.scattering`), its classifier dense in the
+sparse arms (see ``record_base``). Picked on a VALIDATION split (400 of the 4,000 training
+examples, `simulations.dp_sweep`, seed 0); the bench trains on all 4,000 and reports the 1,000-image
 test set. Session 14's settings (half the sites per round; tuned on the test set) stay as
 ``session14_base``, the client-level arms' base. For a target
 epsilon the noise multiplier z is calibrated with the RDP accountant for the WORST site: the
