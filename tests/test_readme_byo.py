@@ -48,7 +48,14 @@ def test_override_file_runs(name: str, tmp_path: Path, capsys: pytest.CaptureFix
     conf.write_text(TOML[name].replace("DATA_DIR", str(tmp_path)))
     cfg = build_config(conf, None, TINY)
     url = f"sqlite:///{tmp_path / 'runs.db'}"
-    run_id = simulate(cfg, url, progress=False)
+    # What each file proves is that its settings run; starting a pool (each worker imports
+    # the ClientApp: seconds) is proven once. "stream" (a user's dataset and scenario, two
+    # plug-ins from examples/my_plugins.py) runs on a 1-worker pool: the plug-ins resolve
+    # and train in a worker process as `leanfed simulate` runs them. The others run every
+    # client in this process (--workers 0); a user's model in separate ClientApp processes
+    # is also tests/test_flwr_run.py's, and 1 vs 2 vs 0 workers giving the same run is
+    # tests/simulations/test_grid.py's.
+    run_id = simulate(cfg, url, progress=False, workers=1 if name == "stream" else 0)
     with RunStore(url) as store:
         assert [r.round for r in store.get_rounds(run_id)] == [1, 2]
         latest = store.latest_checkpoint(run_id)
