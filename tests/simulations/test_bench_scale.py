@@ -88,13 +88,14 @@ def test_a_cell_reports_its_worker_start_and_every_round_as_it_ends() -> None:
 def test_quick_bench_writes_every_row_and_the_plot(tmp_path: Path) -> None:
     rows = run_bench(tmp_path, seed=0, quick=True, workers=2)
     assert rows == json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 4  # the three arms at 50 % sampled + the 1-worker embedded twin
     assert not [r for r in rows if "missing" in r], [r.get("missing") for r in rows]
     assert {(r["engine"], r["strategy"]) for r in rows} == {
         ("ray", "flower-fedavg"), ("ray", "leanfed"), ("inprocess", "leanfed"),
     }
     for r in rows:
         assert set(r) >= REQUIRED
-        assert r["clients"] == 8 and r["fraction"] in (0.5, 1.0)
+        assert r["clients"] == 8 and r["fraction"] == 0.5
         assert len(r["round_s"]) == 2 and all(s > 0 for s in r["round_s"])
         assert r["messages_per_round"] == max(int(8 * r["fraction"]), 2)
         assert r["startup_s"] > 0 and r["peak_rss_mb"] > 0 and r["rss_per_idle_client_kb"] >= 0
@@ -105,6 +106,6 @@ def test_quick_bench_writes_every_row_and_the_plot(tmp_path: Path) -> None:
     assert max(r["upload_bytes"] for r in lean) < min(r["upload_bytes"] for r in fed)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["targets"]["bit_identical_workers_1_vs_2@8x0.5"] is True
-    assert summary["targets"]["bit_identical_workers_1_vs_2@8x1.0"] is True
+    assert summary["targets"]["ray_leanfed_over_fedavg_round_s@8x0.5"] > 0
     assert (tmp_path / "round_time_vs_clients.png").stat().st_size > 0
     assert (tmp_path / "results.md").read_text().count("\n| ") == len(rows)
