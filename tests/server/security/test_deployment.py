@@ -156,10 +156,7 @@ def deploy_and_run(
             log = work / f"supernode-{i}.log"
             procs.append(processes.start_process(cmd, log, env=env, cwd=work))
 
-        # The intruder: valid TLS trust, but its public key was never registered. It is
-        # refused at activation whatever else runs, so it gives up (max_wait_time) while the
-        # app runs rather than before: its wait no longer adds to the test's wall time.
-        intruder_proc = None
+        # The intruder: valid TLS trust, but its public key was never registered.
         if intruder:
             intruder_proc = processes.start_process(
                 flower.supernode_command(
@@ -176,6 +173,10 @@ def deploy_and_run(
                 cwd=work,
             )
             procs.append(intruder_proc)
+            try:
+                out["intruder_code"] = intruder_proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                out["intruder_code"] = None
 
         cmd = ["flwr", "run", signed.spec, CONNECTION, "--stream"]
         for item in run_config:
@@ -192,11 +193,6 @@ def deploy_and_run(
             if result.returncode == 0
             else "not started"
         )
-        if intruder_proc is not None:
-            try:
-                out["intruder_code"] = intruder_proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                out["intruder_code"] = None
     finally:
         try:
             for proc in reversed(procs):
