@@ -113,6 +113,7 @@ def _model_and_data(
 def train(msg: Message, context: Context) -> Message:
     """Train locally under the global mask and reply with values under the client's own mask."""
     cfg = _config(context)
+    secagg.check_noise_floor(cfg, dict(context.node_config))  # before anything is computed
     config = msg.content.config_records["config"]  # a view rebuilt per access: read once
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     # Dropout draws from the global RNG: seed it per (run, round, node) for this round.
@@ -224,6 +225,7 @@ def _continual_train(
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's local data (its current experience)."""
     cfg = _config(context)
+    secagg.check_noise_floor(cfg, dict(context.node_config))  # a refused run gets nothing
     per_task: dict[str, float] = {}
     if cfg.cl_scenario != "none":
         data = client_stream(cfg, dict(context.node_config))

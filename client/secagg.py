@@ -177,6 +177,43 @@ def _get_float(rec: ConfigRecord, key: str) -> float:
     return float(value)
 
 
+def check_noise_floor(cfg: LeanfedConfig, node_config: dict[str, object]) -> None:
+    """Refuse a run that adds less DP noise at this site than its own floor.
+
+    A site sets ``--node-config dp-min-noise-multiplier=Z``; its ClientApp then answers a
+    train or evaluate message only for a run whose noise it adds ITSELF with multiplier
+    z >= Z: record-level DP-SGD (``privacy.mode="record"``) or distributed client-level
+    noise under secure aggregation (``privacy.mode="client"`` + ``secure.mode="secagg"``).
+    A run without DP, or with client-level noise that only the server adds (its update
+    would leave the site in clear), is refused whatever its z. No floor: no check.
+    """
+    floor = node_config.get(MIN_NOISE_KEY)
+    if floor is None:
+        return
+    if isinstance(floor, bool) or not isinstance(floor, int | float) or not (
+        math.isfinite(floor) and floor >= 0
+    ):
+        raise SecAggError(f"node config {MIN_NOISE_KEY} must be a finite number >= 0")
+    if floor == 0:
+        return
+    if cfg.privacy_mode == "none":
+        raise SecAggError(
+            f"the run adds no DP noise (privacy.mode none); this site's {MIN_NOISE_KEY} is "
+            f"{floor:g}"
+        )
+    if cfg.privacy_mode == "client" and cfg.secure_mode != "secagg":
+        raise SecAggError(
+            "the run's client-level DP noise is added by the server (secure.mode "
+            f"{cfg.secure_mode}), so this site's update would leave in clear; its "
+            f"{MIN_NOISE_KEY} is {floor:g}"
+        )
+    if cfg.privacy_noise_multiplier < floor:
+        raise SecAggError(
+            f"the run's privacy.noise-multiplier {cfg.privacy_noise_multiplier:g} is below this "
+            f"site's {MIN_NOISE_KEY} {floor:g}"
+        )
+
+
 def _dp_plan(
     rec: ConfigRecord,
     st: P.ClientState,
@@ -196,14 +233,7 @@ def _dp_plan(
     cfg = LeanfedConfig.from_run_config(dict(context.run_config))
     if cfg.privacy_mode != "client":
         raise SecAggError("the server asked for DP noise; this site runs privacy.mode != client")
-    floor = context.node_config.get(MIN_NOISE_KEY, 0.0)
-    if isinstance(floor, bool) or not isinstance(floor, int | float):
-        raise SecAggError(f"node config {MIN_NOISE_KEY} must be a number")
-    if cfg.privacy_noise_multiplier < floor:
-        raise SecAggError(
-            f"the run's privacy.noise-multiplier {cfg.privacy_noise_multiplier:g} is below this "
-            f"site's {MIN_NOISE_KEY} {floor:g}"
-        )
+    check_noise_floor(cfg, dict(context.node_config))
     sharers, sampled = W.get_int(rec, "num-clients"), W.get_int(rec, "dp-sampled")
     if sharers < len(P.ids_from_bytes(W.get_bytes(rec, "u1"), MAX_IDS)) or sampled < sharers:
         raise SecAggError("the plan counts fewer key sharers than this node's group holds")
