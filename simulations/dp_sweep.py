@@ -29,34 +29,38 @@ __all__ = ["CHOSEN", "SETTINGS", "VALIDATION", "sweep_arms"]
 # 10 % of MNIST-5k's 4,000 training examples (40 per digit); the sites share the other 3,600
 VALIDATION = 400
 
+# every site every round (session 15's pick), and on it session 16's ScatterNet + CNN head
+_ALL_SITES: dict[str, Any] = {"fraction_train": 1.0, "min_train_nodes": 20}
+_SCATTER_CNN: dict[str, Any] = {**_ALL_SITES, "model": "scatter-cnn", "dst_exclude": "fc.weight"}
+
 # name -> (changes to the bench's record-level config, model options)
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "prev": ({}, {}),  # the published session-14 settings
-    "all-sites": ({"fraction_train": 1.0, "min_train_nodes": 20}, {}),
-    "all-sites-tanh": ({"fraction_train": 1.0, "min_train_nodes": 20}, {"activation": "tanh"}),
+    "all-sites": ({**_ALL_SITES}, {}),
+    "all-sites-tanh": ({**_ALL_SITES}, {"activation": "tanh"}),
     "all-sites-tanh-h32": (
-        {"fraction_train": 1.0, "min_train_nodes": 20},
+        {**_ALL_SITES},
         {"activation": "tanh", "hidden": 32},
     ),
     "all-sites-tanh-lr0.05": (
-        {"fraction_train": 1.0, "min_train_nodes": 20, "local_lr": 0.05},
+        {**_ALL_SITES, "local_lr": 0.05},
         {"activation": "tanh"},
     ),
     "all-sites-tanh-lr0.2": (
-        {"fraction_train": 1.0, "min_train_nodes": 20, "local_lr": 0.2},
+        {**_ALL_SITES, "local_lr": 0.2},
         {"activation": "tanh"},
     ),
     "all-sites-tanh-clip1": (
-        {"fraction_train": 1.0, "min_train_nodes": 20, "privacy_clip": 1.0},
+        {**_ALL_SITES, "privacy_clip": 1.0},
         {"activation": "tanh"},
     ),
-    "all-sites-lr0.05": ({"fraction_train": 1.0, "min_train_nodes": 20, "local_lr": 0.05}, {}),
-    "all-sites-lr0.2": ({"fraction_train": 1.0, "min_train_nodes": 20, "local_lr": 0.2}, {}),
-    "all-sites-clip1": ({"fraction_train": 1.0, "min_train_nodes": 20, "privacy_clip": 1.0}, {}),
+    "all-sites-lr0.05": ({**_ALL_SITES, "local_lr": 0.05}, {}),
+    "all-sites-lr0.2": ({**_ALL_SITES, "local_lr": 0.2}, {}),
+    "all-sites-clip1": ({**_ALL_SITES, "privacy_clip": 1.0}, {}),
     # De et al. 2022: larger batches at the same epsilon (q = 64 / 180, z recalibrated)
-    "all-sites-b64": ({"fraction_train": 1.0, "min_train_nodes": 20, "local_batch_size": 64}, {}),
+    "all-sites-b64": ({**_ALL_SITES, "local_batch_size": 64}, {}),
     "all-sites-40x5": (
-        {"fraction_train": 1.0, "min_train_nodes": 20, "num_server_rounds": 40, "local_steps": 5},
+        {**_ALL_SITES, "num_server_rounds": 40, "local_steps": 5},
         {},
     ),
     # Tramer & Boneh 2021: a fixed ScatterNet (J = 2, tasks.scattering) + a small trainable
@@ -64,26 +68,19 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # CNN's); the same model in the DP and non-private arms
     "scatter-linear": (
         {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
+            **_ALL_SITES,
             "model": "scatter-linear",
             "dst_exclude": "",
         },
         {},
     ),
     "scatter-cnn": (
-        {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
-        },
+        {**_SCATTER_CNN},
         {},
     ),
     "scatter-linear-lr0.2": (
         {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
+            **_ALL_SITES,
             "model": "scatter-linear",
             "dst_exclude": "",
             "local_lr": 0.2,
@@ -91,59 +88,37 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {},
     ),
     "scatter-cnn-w16": (
-        {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
-        },
+        {**_SCATTER_CNN},
         {"width": 16},
     ),
     "scatter-cnn-relu": (
-        {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
-        },
+        {**_SCATTER_CNN},
         {"activation": "relu"},
     ),
     "scatter-cnn-b64": (
         {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
+            **_SCATTER_CNN,
             "local_batch_size": 64,
         },
         {},
     ),
     "scatter-cnn-clip1": (
         {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
+            **_SCATTER_CNN,
             "privacy_clip": 1.0,
         },
         {},
     ),
     "scatter-cnn-lr0.2": (
         {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
+            **_SCATTER_CNN,
             "local_lr": 0.2,
         },
         {},
     ),
     "scatter-cnn-40x5": (
         {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
+            **_SCATTER_CNN,
             "num_server_rounds": 40,
             "local_steps": 5,
         },
@@ -157,10 +132,7 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # bench), so q = 1 in both.
     "scatter-cnn-fb-2x20": (
         {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
+            **_SCATTER_CNN,
             "local_batch_size": 200,
             "local_steps": 2,
         },
@@ -168,10 +140,7 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "scatter-cnn-fb-2x20-lr0.4": (
         {
-            "fraction_train": 1.0,
-            "min_train_nodes": 20,
-            "model": "scatter-cnn",
-            "dst_exclude": "fc.weight",
+            **_SCATTER_CNN,
             "local_batch_size": 200,
             "local_steps": 2,
             "local_lr": 0.4,
