@@ -118,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     # Dropout draws from the global RNG: seed it per (run, round, node) for this round.
     with seeded_global_rng(client_round_seed(cfg.seed, server_round, context.node_id)):
-        model, out, on_wire = _train_round(msg, context, cfg, server_round)
+        model, out, on_wire = _train_round(msg, context, cfg, config, server_round)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if config.get(secagg_wire.MODE_KEY) == "secagg":
         if out.mask is None:
@@ -171,16 +171,16 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train_round(
-    msg: Message, context: Context, cfg: LeanfedConfig, server_round: int
+    msg: Message, context: Context, cfg: LeanfedConfig, config: ConfigRecord, server_round: int
 ) -> tuple[torch.nn.Module, RoundOutcome, list[str] | None]:
     """Receive the global model and train this round (continual clients: on their stream).
 
-    Returns the model, the outcome (``extra`` holds "capacity" and "train_s", the seconds
+    ``config``: the message's "config" record, read once by the caller. Returns the
+    model, the outcome (``extra`` holds "capacity" and "train_s", the seconds
     of local training) and, for a condensed sub-network, the keys whose mask the reply
     carries (None otherwise).
     """
     capacity = node_capacity(dict(context.node_config))
-    config = msg.content.config_records["config"]
     condensed = config.get(CONDENSED_KEY) == 1
     on_wire: list[str] | None = None
     if cfg.cl_scenario != "none":

@@ -170,8 +170,9 @@ class ReplyGuard:
         )
         if not records:
             return MetricRecord()
-        scalars = all(not isinstance(v, list) for r in records for v in r.values())
-        if aggr is aggregate_metricrecords and scalars:  # Flower's default, minus the records
+        if aggr is aggregate_metricrecords and all(  # Flower's default, minus the records
+            not isinstance(v, list) for r in records for v in r.values()
+        ):
             return weighted_average(records, self.weighted_by_key)
         contents = [RecordDict({"metrics": MetricRecord(r)}) for r in records]  # type: ignore[arg-type]
         return aggr(contents, self.weighted_by_key)

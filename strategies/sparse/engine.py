@@ -158,8 +158,7 @@ class DSTController:
         self._off = OffMasks()  # ~mask per step, reused while the mask stays the same
         self._apply()
         for n, m in self.mask.items():  # optimizer may already hold state (e.g. resumed)
-            if self.optimizer.state.get(self._params[n]):
-                self._reset_optimizer_state(n, self._off(n, m))
+            self._reset_optimizer_state(n, self._off(n, m))  # no state: a no-op
 
     # -- queries --------------------------------------------------------------------------
 
