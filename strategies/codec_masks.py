@@ -84,28 +84,43 @@ class Reader:
     def left(self) -> int:
         return len(self.data) - self.pos
 
-    def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or n > self.left:
-            raise CodecError(
-                f"truncated payload: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {self.left} left"
-            )
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
+    def _truncated(self, n: int, what: str, pos: int) -> CodecError:
+        return CodecError(
+            f"truncated payload: {what} needs {n} bytes at offset {pos}, "
+            f"only {len(self.data) - pos} left"
+        )
 
+    def take(self, n: int, what: str) -> memoryview:
+        pos = self.pos
+        if n < 0 or n > len(self.data) - pos:
+            raise self._truncated(n, what, pos)
+        self.pos = pos + n
+        return self.data[pos : pos + n]
+
+    # u8 and varint index the memoryview directly (no slice per byte): a server reads a
+    # few dozen of them per reply, thousands of replies per round.
     def u8(self, what: str) -> int:
-        return int(self.take(1, what)[0])
+        pos = self.pos
+        if pos >= len(self.data):
+            raise self._truncated(1, what, pos)
+        self.pos = pos + 1
+        return int(self.data[pos])
 
     def varint(self, what: str) -> int:
+        data, pos, end = self.data, self.pos, len(self.data)
         shift, n = 0, 0
         while True:
             if shift > 63:
+                self.pos = pos
                 raise CodecError(f"varint for {what} is longer than 64 bits")
-            b = self.u8(what)
+            if pos >= end:
+                raise self._truncated(1, what, pos)
+            b = int(data[pos])
+            pos += 1
             n |= (b & 0x7F) << shift
             shift += 7
             if not b & 0x80:
+                self.pos = pos
                 return n
 
     def varints(self, count: int, what: str) -> np.ndarray:
