@@ -121,12 +121,43 @@ def masked_weighted_mean(
     """
     out: dict[str, torch.Tensor] = {}
     for key in _check(updates, previous_global):
+        if all(key in u.mask for u in updates):
+            out[key] = _sparse_mean(updates, key, previous_global[key])
+            continue
         vals, keep, w = stack_kept(updates, key)  # [C, *shape], [C, *shape], [C]
-        wk = weighted_keep(keep, w)
-        denom = wk.sum(0)
-        merged = (wk * vals).sum(0) / denom.clamp_min(1e-300)
-        out[key] = _finish(merged, denom > 0, previous_global[key])
+        out[key] = _finish(*_weighted_sum(vals, keep, w), previous_global[key])
     return out
+
+
+def _weighted_sum(
+    vals: torch.Tensor, keep: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum w m v / sum w m, sum w m > 0) over clients (dim 0)."""
+    wk = weighted_keep(keep, w)
+    denom = wk.sum(0)
+    return (wk * vals).sum(0) / denom.clamp_min(1e-300), denom > 0
+
+
+def _sparse_mean(updates: list[ClientUpdate], key: str, prev: torch.Tensor) -> torch.Tensor:
+    """`masked_weighted_mean` of one key every client masks, computed only on the
+    coordinates some client keeps ([C, K], K ~ density x numel instead of [C, numel]).
+
+    Each merged coordinate is the same sum over the same clients in the same order, so
+    the result has the dense computation's very bits (tested); off the union nobody keeps
+    anything and `_finish` keeps `prev` there either way.
+    """
+    keep, w = stack_keep(updates, key)  # [C, *shape] bool, [C]
+    flat_keep = keep.reshape(len(updates), -1)  # [C, N]
+    idx = flat_keep.any(0).nonzero().reshape(-1)  # [K] coordinates someone keeps
+    parts = [u.values[key].detach().reshape(-1) for u in updates]
+    if len({t.dtype for t in parts}) > 1:
+        parts = [t.to(torch.float64) for t in parts]
+    vals = torch.stack(parts)[:, idx]  # [C, K]
+    merged_k, covered_k = _weighted_sum(vals.to(torch.float64), flat_keep[:, idx], w)
+    merged = torch.zeros(prev.numel(), dtype=torch.float64)
+    covered = torch.zeros(prev.numel(), dtype=torch.bool)
+    merged[idx], covered[idx] = merged_k, covered_k
+    return _finish(merged.view(prev.shape), covered.view(prev.shape), prev)
 
 
 def _sorted_kept(vals: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 
 from strategies.aggregation.merge import (
     ClientUpdate,
+    _finish,
     consensus_mask,
     coordinate_median,
     masked_weighted_mean,
     stack_kept,
     trimmed_mean,
+    weighted_keep,
 )
 from strategies.aggregation.rules import MERGE_RULES, RoundInput, as_rule, build_rule
 
@@ -215,3 +217,45 @@ def test_stack_kept_converts_like_one_conversion_per_client() -> None:
     mixed = [*same, ClientUpdate(9, {"w": torch.randn(4, 5, generator=g).half()}, {}, 1)]
     got = stack_kept(mixed, "w")[0]
     assert torch.equal(got, torch.stack([u.values["w"].to(torch.float64) for u in mixed]))
+
+
+def _dense_reference(updates: list[ClientUpdate], prev: dict[str, torch.Tensor]) -> dict:
+    """masked_weighted_mean as computed before its sparse path: every key on [C, numel]."""
+    out = {}
+    for key in prev:
+        vals, keep, w = stack_kept(updates, key)
+        wk = weighted_keep(keep, w)
+        denom = wk.sum(0)
+        merged = (wk * vals).sum(0) / denom.clamp_min(1e-300)
+        out[key] = _finish(merged, denom > 0, prev[key])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(0, 2**31 - 1),
+    st.floats(0.0, 1.0),
+    st.sampled_from([torch.float32, torch.float64]),
+)
+def test_sparse_path_has_the_dense_bits(
+    nclients: int, seed: int, density: float, dtype: torch.dtype
+) -> None:
+    """Keys every client masks merge on the kept coordinates only: the dense result up to
+    the order torch sums clients in (exact for fp32 values whose weighted sum fits float64's
+    53 bits, as a model's usually do), and the same bits for the same inputs."""
+    g = torch.Generator().manual_seed(seed)
+    prev = {"w": torch.randn(6, 17, generator=g).to(dtype), "b": torch.randn(6, generator=g)}
+    updates = []
+    for i in range(nclients):
+        m = torch.rand(6, 17, generator=g) < density
+        w = (torch.randn(6, 17, generator=g) * 3).to(dtype) * m
+        b = torch.randn(6, generator=g)
+        n = int(torch.randint(1, 500, (1,), generator=g))
+        updates.append(ClientUpdate(i, {"w": w, "b": b}, {"w": m}, n))
+    got, want = masked_weighted_mean(updates, prev), _dense_reference(updates, prev)
+    again = masked_weighted_mean(updates, prev)
+    for k in prev:
+        assert got[k].dtype == want[k].dtype
+        assert torch.allclose(got[k], want[k], rtol=1e-12 if dtype == torch.float64 else 0, atol=0)
+        assert torch.equal(got[k].view(-1).view(torch.uint8), again[k].view(-1).view(torch.uint8))
