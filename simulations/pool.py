@@ -10,6 +10,7 @@ ClientApp once, run torch on one thread, and keep whatever the app caches per pr
 
 from __future__ import annotations
 
+import gc
 import importlib
 import multiprocessing as mp
 import os
@@ -194,6 +195,12 @@ def _init_worker(
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     _WORKER["app"] = load_client_app(app_ref)
     _WORKER["run_config"] = run_config
+    # The imports (torch, flwr, the app) leave ~430k objects that every full collection
+    # walks again: ~0.2 s of CPU each (measured). Freezing them keeps them alive, as they
+    # would be anyway, and out of the collector's walk. In a 20-round 1,000-client cell all
+    # of a worker's full collections fell in start-up; replaying jobs, one came about every
+    # 1,200 jobs (0.2 ms a job on average), which longer runs are now spared.
+    gc.freeze()
 
 
 def _run_in_worker(job: NodeJob) -> NodeResult:
