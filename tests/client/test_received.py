@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -46,16 +50,35 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_hit_equals_a_fresh_decode_and_the_mask_is_the_callers_own() -> None:
+def _giver(mask: dict[str, torch.Tensor] | None) -> Callable[[], dict | None]:
+    return lambda: mask
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = codec.decode_with
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(codec, "decode_with", counted)
+    return calls
+
+
+def test_a_hit_equals_a_fresh_decode_and_the_mask_is_the_callers_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     values, mask = _state(1)
     payload = codec.encode(values, mask)
-    calls: list[int] = []
+    calls = _count_decodes(monkeypatch)
 
     def previous() -> None:
-        calls.append(1)
+        return None
 
     first = received.decode_broadcast(_rec(payload), None, previous, _spec())
     second = received.decode_broadcast(_rec(payload), None, previous, _spec())
+    monkeypatch.undo()
     want_values, want_mask = codec.decode_with(payload, None, _spec())
     assert len(calls) == 1 and received.cached() == 1  # decoded once
     for got in (first, second):
@@ -86,6 +109,46 @@ def test_the_held_mask_is_part_of_the_key() -> None:
     assert _same(got1[1], m1) and _same(got2[1], m2)
     assert _same(got2[0], codec.decode_with(payload, m2, _spec())[0])
     assert received.cached() == 2
+
+
+def test_a_payload_that_sends_its_mask_is_decoded_once_for_every_held_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nodes holding different (stale) masks, or none, share one decode of a mask-sent payload."""
+    values, mask = _state(5)
+    payload = codec.encode(values, mask)  # every mask sent: no "same mask" record
+    calls = _count_decodes(monkeypatch)
+    held_masks = [None, _state(6)[1], _state(7)[1], None, _state(6)[1]]
+    got = [
+        received.decode_broadcast(
+            _rec(payload), None if h is None else _held(h), _giver(h), _spec()
+        )
+        for h in held_masks
+    ]
+    monkeypatch.undo()
+    assert len(calls) == 1 and received.cached() == 1
+    want = codec.decode_with(payload, None, _spec())
+    for h, (v, m, packed) in zip(held_masks, got, strict=True):
+        assert _same(v, want[0]) and _same(m, want[1]) and packed == _held(want[1])
+        assert _same(v, codec.decode_with(payload, h, _spec())[0])
+
+
+def test_a_forged_mask_sent_flag_still_decodes_under_the_held_mask() -> None:
+    """A payload flagged "mask sent" that has a "same mask" record anyway: as without a cache."""
+    values, _ = _state(3)
+    m1 = _state(4)[1]
+    payload = bytearray(codec.encode(values, m1, send_mask=False))
+    payload[5] |= 1  # the mask-sent flag (header byte 5), CRC recomputed below
+    # The CRC covers version, flags, count and body length (bytes 4-13), then the body.
+    crc = zlib.crc32(bytes(payload[4:14]) + bytes(payload[18:])) & 0xFFFFFFFF
+    payload[14:18] = struct.pack("<I", crc)
+    forged = bytes(payload)
+    assert codec.payload_flags(forged)["mask_sent"]
+    got = received.decode_broadcast(_rec(forged), _held(m1), lambda: m1, _spec())
+    want = codec.decode_with(forged, m1, _spec())
+    assert _same(got[0], want[0]) and _same(got[1], m1)
+    with pytest.raises(CodecError, match="no previous mask"):
+        received.decode_broadcast(_rec(forged), None, lambda: None, _spec())
 
 
 def test_a_malformed_payload_is_refused_every_time_and_never_cached() -> None:
