@@ -59,6 +59,7 @@ from strategies.sparse.saliency import LossFn, saliency_mask, saliency_scores
 from strategies.sparse.schedules import CosineDecay, GMPSchedule
 from strategies.sparse.scores import magnitude_score
 from strategies.sparse.selection import predicate_selection, select_sparsifiable
+from strategies.sparse.sgd_step import sgd_step
 from strategies.sparse.structured import ablate_units, structured_init
 from strategies.sparse.structured_rules import STRUCTURES, layer_structures
 from strategies.sparse.unit_step import (
@@ -215,7 +216,8 @@ class DSTController:
         gradients) still counts for the schedule but makes no topology update.
         """
         if scaler is None:
-            self.optimizer.step()
+            if not sgd_step(self.optimizer):  # plain CPU SGD: the same ops, less wrapping
+                self.optimizer.step()
             return self.after_optimizer_step()
         before = float(scaler.get_scale())
         scaler.step(self.optimizer)
