@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -68,13 +69,22 @@ def _held(context: Context) -> received.Held | None:
     )
 
 
-def _save_packed(context: Context, packed: received.Held) -> None:
+@lru_cache(maxsize=4)
+def _packed_record(packed: received.Held) -> ConfigRecord:
     # Packed bits: ~numel/8 bytes, small enough to ride along with context.state.
     rec = ConfigRecord({"names": [name for name, _, _ in packed]})
     for name, shape, bits in packed:
         rec[f"shape:{name}"] = list(shape)
         rec[f"bits:{name}"] = bits
-    context.state.config_records[STATE_KEY] = rec
+    return rec
+
+
+def _save_packed(context: Context, packed: received.Held) -> None:
+    # Every node of a round stores the same mask: Flower validates each item a record is
+    # built with (14 us here), so the record is built once per mask per process and each
+    # node gets its own copy (ConfigRecord.copy: same items, no validation; the lists in
+    # it are shared and nothing changes them in place).
+    context.state.config_records[STATE_KEY] = _packed_record(packed).copy()
 
 
 def _receive(msg: Message, context: Context, model: torch.nn.Module) -> Mask | None:
@@ -98,11 +108,12 @@ def _receive(msg: Message, context: Context, model: torch.nn.Module) -> Mask | N
 
 
 def _model_and_data(
-    context: Context, reuse: bool = True
+    context: Context, reuse: bool = True, cfg: LeanfedConfig | None = None
 ) -> tuple[LeanfedConfig, torch.nn.Module, torch.Tensor, torch.Tensor]:
     """Config, model and data. ``reuse``: this process's working instance (no deep copy);
-    False for a caller that changes the model's structure (a condensed sub-network)."""
-    cfg = _config(context)
+    False for a caller that changes the model's structure (a condensed sub-network).
+    ``cfg``: the context's config if the caller has it."""
+    cfg = _config(context) if cfg is None else cfg
     data = local_data(cfg, dict(context.node_config))
     make = work_model if reuse else fresh_model
     model = make(cfg, data.input_shape, data.num_classes)
@@ -188,7 +199,7 @@ def _train_round(
         model, out = _continual_train(msg, context, cfg, server_round)
     else:
         # A condensed node shrinks its model in place: that one needs its own copy.
-        cfg, model, x, y = _model_and_data(context, reuse=not condensed)
+        cfg, model, x, y = _model_and_data(context, reuse=not condensed, cfg=cfg)
         mask: Mask | None
         if condensed:  # the server sent this node's sub-network: train it physically smaller
             model, mask, on_wire = receive_condensed(msg.content, cfg, model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ def make_optimizer(
     weight_decay: float = 5e-4,
 ) -> torch.optim.Optimizer:
     """SGD with momentum (the FedDST/RigL default), or Adam; ``momentum`` is ignored for Adam."""
-    if lr <= 0 or not torch.isfinite(torch.tensor(lr)):
+    if lr <= 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")

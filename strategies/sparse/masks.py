@@ -172,7 +172,7 @@ def validate_mask(
             raise MaskError(f"{name}: mask shape {tuple(m.shape)} != expected {tuple(shape)}")
         if not bool(m.any()):
             raise MaskError(f"{name}: mask has no active entry")
-    if not shapes:
+    if not shapes or (max_density is None and min_density is None):
         return
     d = mask_density({k: mask[k] for k in shapes})
     if max_density is not None and d > max_density:

@@ -196,3 +196,28 @@ def test_any_sequence_of_broadcasts_decodes_as_without_a_cache(
         got = received.decode_broadcast(_rec(payload), _held(held), lambda h=held: h, _spec())
         want = codec.decode_with(payload, held, _spec())
         assert _same(got[0], want[0]) and _same(got[1], want[1])
+
+
+def test_each_node_gets_its_own_copy_of_the_stored_mask_record() -> None:
+    """The memoized state record: same items as a fresh build, a separate record per node."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from client import app
+    from simulations.pool import to_bytes
+
+    packed = _held(_state(8)[1])
+    contexts = [Context(1, node, {}, RecordDict(), {}) for node in (1, 2)]
+    for ctx in contexts:
+        app._save_packed(ctx, packed)
+    a, b = (ctx.state.config_records[app.STATE_KEY] for ctx in contexts)
+    assert a is not b and a == b
+    a["extra"] = 1  # one node's record changing leaves the other's, and the next one's, alone
+    assert "extra" not in b
+    app._save_packed(contexts[1], packed)
+    fresh = ConfigRecord({"names": [n for n, _, _ in packed]})
+    for name, shape, bits in packed:
+        fresh[f"shape:{name}"] = list(shape)
+        fresh[f"bits:{name}"] = bits
+    want = RecordDict()
+    want.config_records[app.STATE_KEY] = fresh
+    assert to_bytes(contexts[1].state) == to_bytes(want)
