@@ -57,7 +57,26 @@ def round_controller(
 
     Within a round the mask is fixed ("static"); topology changes happen once per
     readjustment round, as in FedDST, so the server sees one mask per client per round.
+    A process that trains its one working model (``statics.work_model``) round after
+    round gets the previous call's SGD optimizer, its state cleared, and controller,
+    restarted: what a fresh build returns, without rebuilding what only the model's
+    structure decides (measured ~0.1 ms of a 1.3 ms small-model client call).
     """
+    reusable = (
+        mask is not None
+        and not condensed
+        and cfg.dst_rule not in STRUCTURED_RULES
+        and cfg.local_optimizer == "sgd"
+    )
+    if reusable:
+        assert mask is not None
+        params = tuple(p for p in model.parameters() if p.requires_grad)
+        last = _LAST.get("last")
+        if last is not None and last[0] is model and _same_run(last, cfg, params):
+            optimizer, controller = last[3], last[4]
+            optimizer.state.clear()  # a new optimizer's state: empty
+            controller.restart(mask, generator)
+            return optimizer, controller
     optimizer = make_optimizer(
         model, cfg.local_optimizer, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay
     )
@@ -85,7 +104,24 @@ def round_controller(
         generator=generator,
         predicate=None if keys is None else (lambda name, _t: name in keys),
     )
+    if reusable:
+        _LAST["last"] = (model, cfg, params, optimizer, controller)
     return optimizer, controller
+
+
+# The last reusable (model, config, trainable parameters, optimizer, controller) of this
+# process: one entry, so a process that builds fresh models keeps at most one alive.
+_Entry = tuple[
+    nn.Module, LeanfedConfig, tuple[nn.Parameter, ...], torch.optim.Optimizer, DSTController
+]
+_LAST: dict[str, _Entry] = {}
+
+
+def _same_run(last: _Entry, cfg: LeanfedConfig, params: tuple[nn.Parameter, ...]) -> bool:
+    same_params = len(last[2]) == len(params) and all(
+        a is b for a, b in zip(last[2], params, strict=True)
+    )
+    return same_params and (last[1] is cfg or last[1] == cfg)
 
 
 def local_round(

@@ -155,11 +155,24 @@ class DSTController:
             else:
                 scores = saliency_scores(config.init, model, self._params, init_loss_fn)
                 init = saliency_mask(scores, densities, self.slices)
+        self._start(init)
+
+    def _start(self, init: Mask) -> None:
         self.mask: Mask = {n: init[n].to(self._params[n].device) for n in self.shapes}
         self._off = OffMasks()  # ~mask per step, reused while the mask stays the same
         self._apply()
         for n, m in self.mask.items():  # optimizer may already hold state (e.g. resumed)
             self._reset_optimizer_state(n, self._off(n, m))  # no state: a no-op
+
+    def restart(self, mask: Mask, generator: torch.Generator) -> None:
+        """Become what a controller built now on the same model, optimizer and config with
+        ``mask`` and ``generator`` would be: step 0, no captured gradient, ``mask`` applied.
+        What the model's structure gives (selection, units, schedules) is kept."""
+        validate_mask(mask, self.shapes)
+        self.generator = generator
+        self.step_count = 0
+        self._dense_grads = {}
+        self._start({k: v.clone() for k, v in mask.items()})
 
     # -- queries --------------------------------------------------------------------------
 
