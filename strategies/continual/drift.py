@@ -25,10 +25,11 @@ from __future__ import annotations
 import math
 import pickle
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from river.drift import ADWIN
-from river.drift.binary import DDM
+if TYPE_CHECKING:  # river (~0.2 s to import) is loaded only when a detector is built/restored
+    from river.drift import ADWIN
+    from river.drift.binary import DDM
 
 DETECTORS = ("adwin", "ddm", "both", "none")
 _STATE_VERSION = 1
@@ -95,6 +96,9 @@ class DriftMonitor:
         self._new_detectors()
 
     def _new_detectors(self) -> None:
+        from river.drift import ADWIN
+        from river.drift.binary import DDM
+
         c = self.config
         use_adwin = c.detector in ("adwin", "both")
         use_ddm = c.detector in ("ddm", "both")
@@ -195,6 +199,9 @@ class DriftMonitor:
         self.last_signal = None if last < 0 else last
         self.num_signals = int(state["num_signals"])
         self.num_suppressed = int(state["num_suppressed"])
+        from river.drift import ADWIN
+        from river.drift.binary import DDM
+
         self._adwin = _loads(state["adwin"], ADWIN, "adwin")
         self._ddm = _loads(state["ddm"], DDM, "ddm")
 

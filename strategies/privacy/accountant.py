@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
-from dp_accounting import dp_event, rdp
-
 __all__ = [
     "EPSILON_RTOL",
     "PrivacyError",
@@ -62,6 +60,9 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     _check(noise_multiplier, sample_rate, steps, delta)
     if steps == 0:
         return 0.0
+    # dp_accounting (and the scipy.signal it pulls in, ~0.7 s) loads on the first call only
+    from dp_accounting import dp_event, rdp
+
     accountant = rdp.RdpAccountant()
     event = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
     accountant.compose(dp_event.SelfComposedDpEvent(event, steps))
