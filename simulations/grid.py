@@ -201,7 +201,7 @@ class InProcessGrid(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        pending: list[tuple[Message, bytes]] = []
+        pending: list[Message] = []
         for msg in messages:
             dst = msg.metadata.dst_node_id
             if dst not in self._partition:
@@ -209,20 +209,28 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             msg.metadata.__dict__["_run_id"] = self._run.run_id
             msg.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
-            content = to_bytes(msg.content)
-            self.traffic.add(msg.metadata.group_id, sent=len(content))
-            pending.append((msg, content))
+            pending.append(msg)
         # A node receiving two messages in one push runs them one after the other, in
         # order (its state passes from the first call to the second): split into waves.
         for wave in _waves(pending):
-            jobs = [self._job(msg, content) for msg, content in wave]
-            for job, (msg, _), result in zip(jobs, wave, self._execute(jobs), strict=True):
-                reply = self._reply(job, msg, result)
+            # Jobs are serialized as the pool asks for them: the first clients start while
+            # the driver still serializes the round's later messages.
+            jobs = _Lazy([self._serialize(msg) for msg in wave])
+            for i, result in enumerate(self._execute(jobs)):
+                reply = self._reply(jobs[i], wave[i], result)
                 self.observe(reply)
                 for listen in self.reply_listeners:
                     listen(reply)
-                self._replies[msg.metadata.message_id] = reply
-        return [msg.metadata.message_id for msg, _ in pending]
+                self._replies[wave[i].metadata.message_id] = reply
+        return [msg.metadata.message_id for msg in pending]
+
+    def _serialize(self, msg: Message) -> Callable[[], NodeJob]:
+        def build() -> NodeJob:
+            content = to_bytes(msg.content)
+            self.traffic.add(msg.metadata.group_id, sent=len(content))
+            return self._job(msg, content)
+
+        return build
 
     def observe(self, reply: Message) -> None:
         """Called with every reply as it arrives (subclasses count metrics here)."""
@@ -244,9 +252,9 @@ class InProcessGrid(Grid):
             capacity=self.capacities[self._partition[md.dst_node_id]],
         )
 
-    def _execute(self, jobs: list[NodeJob]) -> Iterable[NodeResult]:
+    def _execute(self, jobs: Sequence[NodeJob]) -> Iterable[NodeResult]:
         if self.pool is None:
-            return (execute(self.client_app, job, self.run_config) for job in jobs)
+            return (execute(self.client_app, jobs[i], self.run_config) for i in range(len(jobs)))
         return self.pool.run(jobs)
 
     def _reply(self, job: NodeJob, original: Message, result: NodeResult) -> Message:
@@ -273,12 +281,29 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def _waves(items: list[tuple[Message, bytes]]) -> list[list[tuple[Message, bytes]]]:
+class _Lazy(Sequence[NodeJob]):
+    """A round's jobs, each built (serialized) once, when first asked for."""
+
+    def __init__(self, builders: list[Callable[[], NodeJob]]) -> None:
+        self._builders = builders
+        self._jobs: list[NodeJob | None] = [None] * len(builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+    def __getitem__(self, i: int) -> NodeJob:  # type: ignore[override]
+        job = self._jobs[i]
+        if job is None:
+            job = self._jobs[i] = self._builders[i]()
+        return job
+
+
+def _waves(items: list[Message]) -> list[list[Message]]:
     """Split into consecutive groups in which no node appears twice (usually one group)."""
-    waves: list[list[tuple[Message, bytes]]] = [[]]
+    waves: list[list[Message]] = [[]]
     seen: set[int] = set()
     for item in items:
-        dst = item[0].metadata.dst_node_id
+        dst = item.metadata.dst_node_id
         if dst in seen:
             waves.append([])
             seen = set()

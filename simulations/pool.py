@@ -243,6 +243,29 @@ def _run_in_worker(job: NodeJob) -> NodeResult:
     return execute(app, job, _WORKER["run_config"])  # type: ignore[arg-type]
 
 
+def _run_chunk(jobs: Sequence[NodeJob]) -> list[NodeResult]:
+    return [_run_in_worker(job) for job in jobs]
+
+
+def chunk_sizes(n: int, workers: int) -> list[int]:
+    """How ``n`` jobs are cut into chunks for ``workers`` processes.
+
+    Chunks amortize the pipe round trip over several nodes; about 16 per worker keep the
+    round's end even (a worker left with the last big chunk idles the other cores) and
+    replies streaming to the server early. Each worker's first chunk is a single job and
+    its second at most two, so the server gets its first reply after one client instead
+    of a whole chunk and screens replies while the workers compute.
+    """
+    full = max(1, min(16, n // (16 * workers)))
+    ramp = [1] * workers + [min(2, full)] * workers
+    sizes: list[int] = []
+    while n > 0:
+        size = min(n, ramp[len(sizes)] if len(sizes) < len(ramp) else full)
+        sizes.append(size)
+        n -= size
+    return sizes
+
+
 def _ping(_: int) -> int:
     time.sleep(0.2)  # long enough that one worker cannot answer every ping alone
     return os.getpid()
@@ -279,18 +302,26 @@ class WorkerPool:
         return sorted(seen)
 
     def run(self, jobs: Sequence[NodeJob]) -> Iterator[NodeResult]:
-        """Results in job order. Chunks amortize the pipe round trip over several nodes;
-        about 16 per worker keep the round's end even (a worker left with the last big
-        chunk idles the other cores) and replies streaming to the server early."""
-        chunk = max(1, min(16, len(jobs) // (16 * self.workers)))
-        results = self._executor.map(_run_in_worker, jobs, chunksize=chunk)
+        """Results in job order, in chunks of `chunk_sizes` (one future per chunk); each
+        chunk is submitted as soon as its jobs are read from ``jobs`` (which may build
+        them on demand), so the first workers start before the last job exists."""
+        futures = []
+        start = 0
         try:
-            yield from results
+            for size in chunk_sizes(len(jobs), self.workers):
+                chunk = [jobs[i] for i in range(start, start + size)]
+                futures.append(self._executor.submit(_run_chunk, chunk))
+                start += size
+            for fut in futures:
+                yield from fut.result()
         except BrokenProcessPool as exc:
             raise RuntimeError(
                 "a simulation worker process died (out of memory?); run with --workers 0 "
                 "to see the client's own error"
             ) from exc
+        finally:
+            for fut in futures:  # a run stopped early (e.g. Ctrl-C) leaves nothing queued
+                fut.cancel()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

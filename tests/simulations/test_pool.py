@@ -67,3 +67,23 @@ def test_workers_exit_when_the_driver_is_sigkilled(reaped: bool, tmp_path: Path)
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("n", "workers", "want"),
+    [
+        (0, 2, []),
+        (1, 2, [1]),
+        (5, 2, [1, 1, 1, 1, 1]),
+        (100, 2, [1, 1, 2, 2] + [3] * 31 + [1]),
+        (1000, 2, [1, 1, 2, 2] + [16] * 62 + [2]),
+        (100, 4, [1, 1, 1, 1, 1, 1, 1, 1] + [1] * 92),
+    ],
+)
+def test_chunk_sizes_ramp_up_then_cover_every_job_once(
+    n: int, workers: int, want: list[int]
+) -> None:
+    from simulations.pool import chunk_sizes
+
+    assert chunk_sizes(n, workers) == want
+    assert sum(want) == n
