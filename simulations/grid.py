@@ -12,6 +12,7 @@ depend on the number of workers.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -139,6 +140,7 @@ class InProcessGrid(Grid):
         """Start the worker processes now rather than on the first round."""
         if self.pool is not None:
             self.pool.start()
+        freeze_startup_objects()
 
     def close(self) -> None:
         """Stop the worker processes (if any); node states stay readable."""
@@ -279,6 +281,18 @@ class InProcessGrid(Grid):
     ) -> Iterable[Message]:
         # Clients finish inside push_messages, so every reply is ready.
         return self.pull_messages(self.push_messages(messages))
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up allocated (imports, model, dataset) out of the collector's walk.
+
+    A simulation driver allocates many short-lived objects per reply; a full collection
+    then walks every start-up object too (measured ~0.2 s on a 1,000-client cell, twice
+    in 20 rounds), stalling a whole round. The objects live for the run anyway. The pool's
+    workers do the same after their start-up (`simulations.pool`).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class _Lazy(Sequence[NodeJob]):
