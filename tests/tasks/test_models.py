@@ -4,7 +4,8 @@ import pickle
 import pytest
 import torch
 
-from tasks.models import MODELS, ModelError, build_model, default_model_for, grid_edge_index
+from tasks.gnn import grid_edge_index
+from tasks.models import MODELS, ModelError, build_model, default_model_for
 
 CASES = [
     ("cnn", (1, 28, 28)),
