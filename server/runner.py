@@ -3,7 +3,10 @@
 The round loop is Flower's own ``Strategy.start``; leanfed only supplies the strategy,
 the initial arrays and an ``evaluate_fn`` that evaluates the global model on the held-out
 set and hands each finished round to a callback (the run store writer). Resuming wraps
-the strategy in :class:`RoundOffset` so rounds keep their absolute numbers.
+the strategy in :class:`RoundOffset` so rounds keep their absolute numbers. With
+``aggregation.average`` the strategy is wrapped in `strategies.aggregation.averaging`'s
+``AveragedStrategy``: every evaluation, the returned model and the checkpoints hold the
+averaged model, while the clients train from the latest iterate (a run with it cannot resume).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.strategy_factory import build_strategy, fit_strategy, sparse_init
+from strategies.aggregation.averaging import AveragedStrategy, ModelAverage
 from strategies.aggregation.counting import ByteCountingFedAvg
 from strategies.aggregation.strategy import SparseFedAvg
 from tasks.config import ConfigError, LeanfedConfig
@@ -260,6 +264,11 @@ def run_federated(
 
     initial = ArrayRecord({k: v.detach() for k, v in model.state_dict().items()})
     runner: Strategy = strategy if offset == 0 else RoundOffset(strategy, offset)
+    average = model_average(cfg)
+    if average is not None:
+        if offset:
+            raise ConfigError(NO_RESUME)
+        runner = AveragedStrategy(runner, average, lambda: getattr(strategy, "mask", None))
     # A grid that streams replies (the embedded engine) lets the strategy screen each one
     # while later clients still run (strategies.aggregation.early); same verdicts.
     listeners = getattr(grid, "reply_listeners", None)
@@ -282,6 +291,23 @@ def run_federated(
             listeners.remove(observe)
     summary.final_state = dict(result.arrays.to_torch_state_dict()) if result.arrays else None
     return summary
+
+
+NO_RESUME = (
+    "a run with aggregation.average cannot resume: its checkpoints hold the averaged model, "
+    "not the iterate the clients train from"
+)
+
+
+def model_average(cfg: LeanfedConfig) -> ModelAverage | None:
+    """The run's server-side model average, or None (``aggregation.average = "none"``).
+
+    ``tail``: the uniform mean of the last ``aggregation.average-rounds`` rounds' models.
+    """
+    if cfg.aggregation_average == "none":
+        return None
+    start = max(1, cfg.num_server_rounds - cfg.aggregation_average_rounds + 1)
+    return ModelAverage(cfg.aggregation_average, cfg.aggregation_average_decay, start)
 
 
 def _maybe_int(v: object) -> int | None:

@@ -22,14 +22,14 @@ from flwr.serverapp import Grid
 
 from server.errors import describe
 from server.recorder import StoreRecorder, load_resume_point
-from server.runner import RoundRecord, RunSummary, check_runnable, run_federated
+from server.runner import NO_RESUME, RoundRecord, RunSummary, check_runnable, run_federated
 from server.security.audit import operator
 from server.security.checkpoints import check_resume
 from server.security.signing import Signer
 from server.store import RoundInfo, RunStore, StoreError
 from server.store.liveness import HEARTBEAT_S
 from server.store.urls import is_sqlite_memory
-from tasks.config import LeanfedConfig
+from tasks.config import ConfigError, LeanfedConfig
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -132,6 +132,8 @@ def effective_config(
     run_id = store.resolve_run_id(cfg.resume)
     check_resume(store, run_id, None if signer is None else signer.verifier)
     stored = LeanfedConfig.from_run_config({**store.get_run(run_id).config, "resume": ""})
+    if stored.aggregation_average != "none":
+        raise ConfigError(NO_RESUME)
     return stored.replace(resume=run_id)
 
 

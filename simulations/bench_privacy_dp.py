@@ -35,7 +35,7 @@ from typing import Any
 
 from client.app import app as client_app
 from client.data import shared_dataset
-from server.runner import build_strategy, run_federated
+from server.runner import RoundCallback, build_strategy, run_federated
 from simulations.bench_jobs import run_jobs
 from simulations.grid import InProcessGrid
 from strategies.privacy.accountant import SiteAccounting, noise_multiplier_for
@@ -114,10 +114,12 @@ def dp_arm_config(base: LeanfedConfig, mode: str, eps: float, density: float) ->
     return cfg.replace(privacy_noise_multiplier=z)
 
 
-def dp_row(cfg: LeanfedConfig, mode: str, eps: float) -> dict[str, Any]:
+def dp_row(
+    cfg: LeanfedConfig, mode: str, eps: float, on_round: RoundCallback | None = None
+) -> dict[str, Any]:
     """One DP arm's row (its run is seeded by ``cfg.seed`` alone)."""
     grid = InProcessGrid(client_app, cfg.num_partitions, run_config=cfg.to_run_config())
-    summary = run_federated(grid, cfg, strategy=build_strategy(cfg))
+    summary = run_federated(grid, cfg, strategy=build_strategy(cfg), on_round=on_round)
     rounds = summary.rounds
     reported = [r.metrics["dp_epsilon"] for r in rounds if "dp_epsilon" in r.metrics]
     private = not math.isinf(eps)

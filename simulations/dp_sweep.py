@@ -1,12 +1,13 @@
 """Tuning sweep of the record-level DP arm on a VALIDATION split (never the test set).
 
-``python -m simulations.dp_sweep --out FILE [--jobs N] [--only NAME,...]``: every named
+``python -m simulations.dp_sweep --out FILE [--jobs N] [--only NAME,...] [--averages]``: every named
 setting (``SETTINGS``: changes to ``bench_privacy_dp.session14_base``) at density 0.1, trained
 on the training set less ``VALIDATION`` held-out examples and scored on them, at epsilon 8
 (z calibrated as the bench does) and without DP. Rows are appended to FILE (JSON list) as
 they finish, so an interrupted sweep keeps what it measured. The bench's defaults are the
 setting picked here; only that setting's TEST accuracy is published (``leanfed bench
-privacy``).
+privacy``). ``--averages``: each row also scores every server-side averaging variant
+(`simulations.average_replay`: the same run's iterates, ``aggregation.average`` replayed).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import argparse
 import json
 import math
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from simulations.average_replay import AVERAGE_VARIANTS, IterateLog, replay
 from simulations.bench_privacy_dp import dp_arm_config, dp_row, session14_base
 from simulations.grid import quiet_flower
 
@@ -180,8 +183,11 @@ def _init() -> None:
     quiet_flower()
 
 
-def _row(cfg: Any, kind: str, eps: float, name: str) -> dict[str, Any]:
-    row = dp_row(cfg, kind, eps)
+def _row(cfg: Any, kind: str, eps: float, name: str, averages: bool = False) -> dict[str, Any]:
+    log = IterateLog() if averages else None
+    row = dp_row(cfg, kind, eps, on_round=log)
+    if log is not None:
+        row["averaged"] = replay(cfg, log, AVERAGE_VARIANTS)
     row |= {"setting": name, "validation_size": cfg.validation_size, "evaluated_on": "validation"}
     row["config"] = {k: v for k, v in cfg.to_run_config().items() if not k.startswith("secure")}
     return row
@@ -194,6 +200,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SETTINGS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eps", default="8,inf", help="comma-separated epsilons (inf: no DP)")
+    ap.add_argument("--averages", action="store_true", help="also score averaging variants")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(SETTINGS))
@@ -207,7 +214,8 @@ def main() -> None:
     with ProcessPoolExecutor(
         max(1, min(args.jobs, len(arms))), mp_context=get_context("spawn"), initializer=_init
     ) as pool:
-        for f in as_completed([pool.submit(_row, *a) for a in arms]):
+        row_fn = partial(_row, averages=args.averages)
+        for f in as_completed([pool.submit(row_fn, *a) for a in arms]):
             rows.append(f.result())  # appended as each arm ends: a stopped sweep keeps them
             old = json.loads(args.out.read_text()) if args.out.exists() else []
             args.out.write_text(json.dumps([*old, rows[-1]], indent=1) + "\n")
@@ -215,6 +223,8 @@ def main() -> None:
     for r in rows:
         eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:g}"
         print(f"{r['setting']:28s} eps={eps:4s} val_acc={r['final_accuracy']:.3f}")
+        for v, a in r.get("averaged", {}).items():
+            print(f"  +{v:10s} val_acc={a['final_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from tasks.config_checks import (
+    AVERAGES,
     BYZANTINE_RULES,
     CL_SCENARIOS,
     DISTRIBUTIONS,
@@ -29,6 +30,7 @@ from tasks.config_checks import (
 )
 
 __all__ = [
+    "AVERAGES",
     "BYZANTINE_RULES",
     "CL_SCENARIOS",
     "DISTRIBUTIONS",
@@ -116,6 +118,12 @@ class LeanfedConfig:
     aggregation_max_abs_value: float = 1e6
     aggregation_norm_bound_factor: float = 10.0
     aggregation_max_update_norm: float = 0.0
+    # the served (evaluated, returned) model: the latest round's ("none"), an EMA of the
+    # rounds' models ("ema", decay below) or the mean of the last average-rounds ("tail");
+    # clients train from the latest (strategies.aggregation.averaging)
+    aggregation_average: str = "none"
+    aggregation_average_decay: float = 0.9
+    aggregation_average_rounds: int = 5
     # continual learning
     cl_scenario: str = "none"  # "none" = the plain (non-continual) client path
     cl_rounds_per_task: int = 2  # server rounds per experience (scenario boundaries)

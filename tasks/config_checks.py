@@ -24,6 +24,7 @@ DST_INITS = ("random", "magnitude")
 OPTIMIZERS = ("sgd", "adam")
 SECURE_MODES = ("none", "secagg")
 CL_SCENARIOS = ("none", "split-mnist", "permuted-mnist", "rotated-mnist", "hospital")
+AVERAGES = ("none", "ema", "tail")  # strategies.aggregation.averaging.AVERAGES (tested)
 VOTES = ("weighted", "robust")  # built-ins of strategies.aggregation.rules.VOTE_RULES
 BYZANTINE_RULES = {"krum": 2, "multi-krum": 2, "bulyan": 4}  # n >= k*f + 3 clients per round
 # Plug-in options: "<section>.options.<name>" run-config keys, passed to the plug-in's factory
@@ -97,6 +98,9 @@ def check_config(cfg: LeanfedConfig) -> None:
         "must be 0 (off) or >= 1",
     )
     need(cfg.aggregation_max_update_norm >= 0, "aggregation.max-update-norm", "must be >= 0")
+    need(cfg.aggregation_average in AVERAGES, "aggregation.average", f"one of {AVERAGES}")
+    need(0.0 <= cfg.aggregation_average_decay < 1.0, "aggregation.average-decay", "in [0, 1)")
+    need(cfg.aggregation_average_rounds >= 1, "aggregation.average-rounds", "must be >= 1")
     need(cfg.cl_scenario != "", "cl.scenario", f"'none', one of {CL_SCENARIOS} {plugin}")
     need(cfg.local_proximal_mu >= 0, "local.proximal-mu", "must be >= 0")
     need(cfg.cl_rounds_per_task >= 1, "cl.rounds-per-task", "must be >= 1")
