@@ -127,6 +127,31 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
         {},
     ),
+    # session 17: larger batches (De et al. 2022) with a larger step or more rounds, each at
+    # epsilon 8 with z recalibrated (b64 x 200 steps: 3.345; b128: 6.467; b64 x 300: 4.042)
+    "scatter-cnn-b64-lr0.2": (
+        {**_SCATTER_CNN, "local_batch_size": 64, "local_lr": 0.2},
+        {},
+    ),
+    "scatter-cnn-b128": (
+        {**_SCATTER_CNN, "local_batch_size": 128},
+        {},
+    ),
+    "scatter-cnn-b64-30r": (
+        {**_SCATTER_CNN, "local_batch_size": 64, "num_server_rounds": 30},
+        {},
+    ),
+    # session 17's pick: batch 128 and the served model the mean of the last 3 rounds'
+    # (`aggregation.average`, post-processing); the variants were scored by --averages
+    "scatter-cnn-b128-tail3": (
+        {
+            **_SCATTER_CNN,
+            "local_batch_size": 128,
+            "aggregation_average": "tail",
+            "aggregation_average_rounds": 3,
+        },
+        {},
+    ),
     # full-batch DP-GD at each site (q = 1: every example every step, no amplification by
     # sampling): 20 rounds x 2 steps = 40 steps at z = 4.03 is 0.022 C of noise per
     # coordinate per step (z C / B), vs 0.057 C for 200 steps at q = 32 / 180 (z = 1.82);
@@ -153,13 +178,18 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-# The setting the bench runs (``bench_privacy_dp.RECORD_TUNED`` / ``RECORD_MODEL``; tested):
-# the best epsilon-8 validation accuracy, a tie within one standard error (about 2 points on
-# 400 images) going to the cheaper setting. Session 15 picked "all-sites" (81.0 %; 40 x 5:
-# 81.75 % at twice the rounds and bytes). Session 16: the ScatterNet + CNN head (Tramer &
-# Boneh 2021) scored 90.75 %; batch 64 led it by 3 images (91.5 %) at twice the DP-SGD
-# compute per step, a tie, so the cheaper batch 32 (README, results/privacy/dp_sweep.json).
-CHOSEN = "scatter-cnn"
+# The setting the bench runs (``bench_privacy_dp.RECORD_TUNED`` / ``RECORD_MODEL``; tested).
+# Sessions 15-16: the best epsilon-8 validation accuracy of one seed, a tie within one
+# standard error (about 2 points on 400 images) going to the cheaper setting: "all-sites"
+# (81.0 %), then the ScatterNet + CNN head "scatter-cnn" (90.75 %; batch 64 91.5 %, a tie).
+# Session 17 (README, results/privacy/dp_sweep_average.json): the three leaders (batch 32,
+# 64, 128) rerun at seeds 1 and 2 (each seed its own 400-image split), every averaging
+# variant scored (`simulations.average_replay`); the pick is the (setting, average) with
+# the best epsilon-8 validation accuracy MEAN over the 3 seeds: batch 128 + tail-3 average,
+# 93.17 % (no DP 98.17 %); batch 64 + EMA 0.5 93.00 %, batch 32 + EMA 0.5 92.33 %, within
+# noise of it (stated in the README). Batch 128 costs 4x batch 32's DP-SGD compute per step,
+# the same bytes.
+CHOSEN = "scatter-cnn-b128-tail3"
 
 
 def sweep_arms(
