@@ -8,8 +8,8 @@ Boneh 2021, and a small trained CNN head, `tasks.scattering`), its classifier de
 sparse arms (see ``record_base``); the served model is the mean of the last 3 rounds' global
 models (``aggregation.average = "tail"``). Picked on a VALIDATION split (400 of the 4,000
 training examples, `simulations.dp_sweep`, seeds 0-2); the bench trains on all 4,000 and
-reports the 1,000-image test set. Session 14's settings (half the sites per round; tuned on the test set) stay as
-``session14_base``, the client-level arms' base. For a target
+reports the 1,000-image test set. Session 14's settings (half the sites per round; tuned
+on the test set) stay as ``session14_base``, the client-level arms' base. For a target
 epsilon the noise multiplier z is calibrated with the RDP accountant for the WORST site: the
 smallest partition (largest sampling rate q = batch / N_min) training in EVERY round
 (T = rounds x local steps), so every site's reported epsilon is at most the target.

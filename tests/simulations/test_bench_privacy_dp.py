@@ -9,7 +9,7 @@ from client.app import app as client_app
 from server.runner import run_federated
 from simulations.bench_privacy_dp import SECAGG_RECORD, dp_arm_config, dp_plan, dp_rows
 from simulations.grid import InProcessGrid, quiet_flower
-from strategies.privacy.accountant import SiteAccounting, epsilon
+from strategies.privacy.accountant import SiteAccounting, epsilon, noise_multiplier_for
 from strategies.secure.ring import error_bound
 from tasks.config import LeanfedConfig
 
@@ -140,3 +140,20 @@ def test_dp_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
         for kind in ("record", "secagg+dp-client")
     ]
     assert plot_dp(rows, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_every_record_arm_serves_the_same_average_and_the_client_arms_none() -> None:
+    from simulations.bench_privacy_dp import RECORD_TUNED
+
+    plan = dp_plan(0, kinds=("record", "client", SECAGG_RECORD))
+    assert len(plan) == 8 + 8 + 4
+    for cfg, kind, eps in plan:
+        if kind == "client":
+            assert cfg.aggregation_average == "none"
+            continue
+        # epsilon = inf and dense too: like-for-like comparisons
+        assert cfg.aggregation_average == RECORD_TUNED["aggregation_average"] == "tail"
+        assert cfg.aggregation_average_rounds == 3 and cfg.local_batch_size == 128
+        if not math.isinf(eps):  # 200 examples a site in the bench: q = 128 / 200
+            z = noise_multiplier_for(eps, 128 / 200, 200, 1e-5)
+            assert cfg.privacy_noise_multiplier == pytest.approx(z)

@@ -48,3 +48,17 @@ def test_the_bench_runs_the_chosen_setting_and_keeps_the_client_arms() -> None:
         assert getattr(record, key) == value
     assert record.options("model") == RECORD_MODEL
     assert old.fraction_train == 0.5 and old.options("model") == {}  # session 14, unchanged
+
+
+def test_the_session_17_pick_calibrates_for_batch_128_and_averages_the_tail() -> None:
+    from simulations.dp_sweep import CHOSEN
+
+    assert CHOSEN == "scatter-cnn-b128-tail3"
+    eight, inf = sweep_arms([CHOSEN])
+    for cfg in (eight[0], inf[0]):  # both arms serve the same average
+        assert (cfg.aggregation_average, cfg.aggregation_average_rounds) == ("tail", 3)
+        assert cfg.local_batch_size == 128 and cfg.model == "scatter-cnn"
+    # 180 examples a site on the validation split: q = 128 / 180 over 20 x 10 steps
+    z = noise_multiplier_for(8.0, 128 / 180, 200, 1e-5)
+    assert eight[0].privacy_noise_multiplier == pytest.approx(z)
+    assert inf[0].privacy_mode == "none"
