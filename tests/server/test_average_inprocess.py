@@ -11,20 +11,10 @@ from client.app import app as client_app
 from server.runner import build_strategy, model_average, run_federated
 from simulations.grid import InProcessGrid
 from tasks.config import ConfigError, LeanfedConfig
+from tests.server.test_dp_inprocess import BASE as DP_BASE
 
-BASE = LeanfedConfig(
-    num_server_rounds=3,
-    dataset="digits",
-    model="mlp",
-    num_partitions=4,
-    min_train_nodes=2,
-    fraction_train=0.5,
-    local_steps=3,
-    local_batch_size=16,
-    dst_density=0.2,
-    dst_end_round_fraction=1.0,  # the mask is re-voted every round: masks differ by round
-    seed=1,
-)
+# test_dp_inprocess's tiny run, one round longer, the mask re-voted every round
+BASE = DP_BASE.replace(num_server_rounds=3, dst_end_round_fraction=1.0)
 
 
 def _run(cfg: LeanfedConfig):  # type: ignore[no-untyped-def]

@@ -9,17 +9,11 @@ from server.runner import build_strategy, run_federated
 from simulations.average_replay import AVERAGE_VARIANTS, IterateLog, replay
 from simulations.grid import InProcessGrid
 from tasks.config import LeanfedConfig
+from tests.server.test_dp_inprocess import BASE as DP_BASE
 
-BASE = LeanfedConfig(
+# test_dp_inprocess's tiny run with record-level DP, 4 rounds, the mask re-voted every round
+BASE = DP_BASE.replace(
     num_server_rounds=4,
-    dataset="digits",
-    model="mlp",
-    num_partitions=4,
-    min_train_nodes=2,
-    fraction_train=0.5,
-    local_steps=3,
-    local_batch_size=16,
-    dst_density=0.2,
     dst_end_round_fraction=1.0,
     privacy_mode="record",
     privacy_noise_multiplier=1.0,
