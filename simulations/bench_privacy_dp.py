@@ -87,14 +87,26 @@ def neighbours_for(clients: int) -> int:
     return 0 if clients <= 20 else min(clients - 1, 2 * math.ceil(1.5 * math.log2(clients)))
 
 
-def _smallest_site(cfg: LeanfedConfig) -> int:
+def _site_sizes(cfg: LeanfedConfig) -> list[int]:
     # the clients' per-process copy: mnist5k's CSV takes seconds to parse, once per arm before
     options = frozen_options(cfg, "dataset")
     labels = shared_dataset(cfg.dataset, cfg.seed, options, cfg.validation_size).y_train
     part = make_partition(
         cfg.partition_scheme, labels, cfg.num_partitions, cfg.seed, cfg.partition_alpha
     )
-    return min(len(ix) for ix in part.indices)
+    return [len(ix) for ix in part.indices]
+
+
+def _smallest_site(cfg: LeanfedConfig) -> int:
+    return min(_site_sizes(cfg))
+
+
+def weight_cap(cfg: LeanfedConfig) -> int:
+    """SecAgg+'s weight cap W_max for the record-level arm: the largest site's example count
+    rounded up to a power of two. It caps no site's weight (min(examples, W_max) is each
+    site's count, so the mean is unchanged), but every on-mask coordinate's ring shrinks by
+    log2(4096 / W_max) bits in the values and in the weights (`strategies.secure.sparse_sum`)."""
+    return 1 << max(0, math.ceil(math.log2(max(_site_sizes(cfg)))))
 
 
 def dp_arm_config(base: LeanfedConfig, mode: str, eps: float, density: float) -> LeanfedConfig:
@@ -110,6 +122,8 @@ def dp_arm_config(base: LeanfedConfig, mode: str, eps: float, density: float) ->
     if secure:  # the SecAgg+ graph of the secure-aggregation rows
         sampled = max(1, round(cfg.fraction_train * cfg.num_partitions))
         cfg = cfg.replace(secure_mode="secagg", secure_neighbors=neighbours_for(sampled))
+        if mode == "record":  # 20 sites of public size (client-level rows: the default cap)
+            cfg = cfg.replace(secure_max_weight=weight_cap(cfg))
     if math.isinf(eps):
         return cfg
     if mode == "record":  # the sites' own accounting (client.dp_local, site_epsilon)

@@ -7,7 +7,14 @@ import torch
 
 from client.app import app as client_app
 from server.runner import run_federated
-from simulations.bench_privacy_dp import SECAGG_RECORD, dp_arm_config, dp_plan, dp_rows
+from simulations.bench_privacy_dp import (
+    SECAGG_RECORD,
+    _site_sizes,
+    dp_arm_config,
+    dp_plan,
+    dp_rows,
+    weight_cap,
+)
 from simulations.grid import InProcessGrid, quiet_flower
 from strategies.privacy.accountant import SiteAccounting, epsilon, noise_multiplier_for
 from strategies.secure.ring import error_bound
@@ -157,3 +164,26 @@ def test_every_record_arm_serves_the_same_average_and_the_client_arms_none() -> 
         if not math.isinf(eps):  # 200 examples a site in the bench: q = 128 / 200
             z = noise_multiplier_for(eps, 128 / 200, 200, 1e-5)
             assert cfg.privacy_noise_multiplier == pytest.approx(z)
+
+
+def test_record_secagg_weight_cap_caps_nothing_and_shrinks_the_ring() -> None:
+    """W_max = the largest site's count rounded up to a power of two: every site keeps its
+    weight (the same model, bit for bit, as with the default cap) and replies get smaller."""
+    quiet_flower()
+    (cfg, _, _), *_ = dp_plan(0, True, (3.0,), (0.1,), (SECAGG_RECORD,))
+    cfg = cfg.replace(num_server_rounds=1)
+    cap = weight_cap(cfg)
+    assert cfg.secure_max_weight == cap < LeanfedConfig().secure_max_weight
+    assert cap >= max(_site_sizes(cfg)) > cap // 2 and cap & (cap - 1) == 0
+    runs = []
+    for c in (cfg, cfg.replace(secure_max_weight=LeanfedConfig().secure_max_weight)):
+        grid = InProcessGrid(client_app, c.num_partitions, run_config=c.to_run_config())
+        summary = run_federated(grid, c)
+        assert summary.final_state is not None
+        runs.append((summary.final_state, summary.rounds[0].upload_bytes))
+    (capped, up_capped), (default, up_default) = runs
+    assert all(torch.equal(capped[k], default[k]) for k in capped)
+    assert up_capped < up_default
+    default = LeanfedConfig().secure_max_weight  # client-level arms keep the default cap
+    client = dp_arm_config(cfg.replace(secure_max_weight=default), "secagg+dp-client", 8.0, 0.1)
+    assert client.secure_max_weight == default
