@@ -74,9 +74,14 @@ def stack_kept(
 
 def stack_values(updates: list[ClientUpdate], key: str) -> torch.Tensor:
     """One tensor over clients as float64 [C, *shape]."""
-    parts = [u.values[key].detach() for u in updates]
-    if len({t.dtype for t in parts}) == 1:  # one conversion of the stack, not one per client
-        return torch.stack(parts).to(torch.float64)
+    return _stack([u.values[key].detach() for u in updates]).to(torch.float64)
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[C, ...] in the parts' one dtype (converted once, by the caller, as a whole stack),
+    or float64 when the parts' dtypes differ."""
+    if len({t.dtype for t in parts}) == 1:
+        return torch.stack(parts)
     return torch.stack([t.to(torch.float64) for t in parts])
 
 
@@ -130,15 +135,12 @@ def masked_weighted_mean(
             out[key] = _dense_mean(updates, key, previous_global[key])
             continue
         vals, keep, w = stack_kept(updates, key)  # [C, *shape], [C, *shape], [C]
-        out[key] = _finish(*_weighted_sum(vals, keep, w), previous_global[key])
+        out[key] = _finish(*_ratio(weighted_keep(keep, w), vals), previous_global[key])
     return out
 
 
-def _weighted_sum(
-    vals: torch.Tensor, keep: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum w m v / sum w m, sum w m > 0) over clients (dim 0)."""
-    wk = weighted_keep(keep, w)
+def _ratio(wk: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum wk v / sum wk, sum wk > 0) over clients (dim 0); wk = w m per client."""
     denom = wk.sum(0)
     return (wk * vals).sum(0) / denom.clamp_min(1e-300), denom > 0
 
@@ -147,19 +149,20 @@ def _sparse_mean(updates: list[ClientUpdate], key: str, prev: torch.Tensor) -> t
     """`masked_weighted_mean` of one key every client masks, computed only on the
     coordinates some client keeps ([C, K], K ~ density x numel instead of [C, numel]).
 
-    Each merged coordinate is the same sum over the same clients in the same order, so
-    the result has the dense computation's very bits (tested); off the union nobody keeps
+    Each merged coordinate is the same formula over the same clients in the same order.
+    torch's order of summing clients can depend on the tensor's width, so a float64 model
+    may differ from the [C, numel] result in the last bit; fp32 values give its very bits
+    (their float64 weighted sums are exact; both tested). Off the union nobody keeps
     anything and `_finish` keeps `prev` there either way.
     """
     keep, w = stack_keep(updates, key)  # [C, *shape] bool, [C]
     flat_keep = keep.reshape(len(updates), -1)  # [C, N]
     # any(0) over clients as a uint8 max: the same answer, ~60x faster than bool any(0)
     idx = flat_keep.view(torch.uint8).amax(0).nonzero().reshape(-1)  # [K] kept by someone
-    parts = [u.values[key].detach().reshape(-1) for u in updates]
-    if len({t.dtype for t in parts}) > 1:
-        parts = [t.to(torch.float64) for t in parts]
-    vals = torch.stack(parts)[:, idx]  # [C, K]
-    merged_k, covered_k = _weighted_sum(vals.to(torch.float64), flat_keep[:, idx], w)
+    # gathered before the float64 conversion: [C, K] converted, not [C, N]
+    vals = _stack([u.values[key].detach().reshape(-1) for u in updates])[:, idx]  # [C, K]
+    wk = weighted_keep(flat_keep[:, idx], w)
+    merged_k, covered_k = _ratio(wk, vals.to(torch.float64))
     merged = torch.zeros(prev.numel(), dtype=torch.float64)
     covered = torch.zeros(prev.numel(), dtype=torch.bool)
     merged[idx], covered[idx] = merged_k, covered_k
@@ -172,9 +175,7 @@ def _dense_mean(updates: list[ClientUpdate], key: str, prev: torch.Tensor) -> to
     summed in the same order: the same bits)."""
     vals, w = stack_values(updates, key), _weights(updates)  # [C, *shape] float64, [C]
     wk = w.view(-1, *([1] * (vals.dim() - 1))).expand_as(vals)
-    denom = wk.sum(0)
-    merged = (wk * vals).sum(0) / denom.clamp_min(1e-300)
-    return _finish(merged, denom > 0, prev)
+    return _finish(*_ratio(wk, vals), prev)
 
 
 def _weights(updates: list[ClientUpdate]) -> torch.Tensor:
