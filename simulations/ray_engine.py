@@ -34,8 +34,7 @@ from server.runner import RoundRecord, RunSummary
 from server.security.signing import Signer
 from server.session import run_recorded
 from server.store import RunStore
-from simulations.grid import freeze_startup_objects
-from simulations.pool import torch_threads
+from simulations.pool import freeze_startup_objects, torch_threads
 from tasks.config import LeanfedConfig
 
 RunConfig = dict[str, bool | float | int | str]
@@ -165,7 +164,7 @@ def run_on_ray(
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"logging_level": logging.WARNING, "log_to_driver": False},
     }
-    freeze_startup_objects()  # as the embedded engine's driver does (simulations.grid)
+    freeze_startup_objects()  # as the embedded engine's driver and workers do
     try:
         # The ServerApp shares the cores with the actors (one CPU each): one torch thread.
         with torch_threads(1), tempfile.TemporaryDirectory(prefix="leanfed-ray-app-") as tmp:
