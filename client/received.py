@@ -82,9 +82,8 @@ def decode_broadcast(
     spec = tuple(expected.items())
     free: Key = (*base, FREE, spec)
     key: Key = (*base, held, spec)
-    hit = _CACHE.get(free)
-    if hit is None:
-        hit = _CACHE.get(key)
+    hit_key = free if free in _CACHE else key
+    hit = _CACHE.get(hit_key)
     if hit is None:
         payload = codec.from_arrayrecord(record, limit)
         decoded = None
@@ -107,5 +106,5 @@ def decode_broadcast(
         while len(_CACHE) > MAX_ENTRIES:
             _CACHE.popitem(last=False)
     else:
-        _CACHE.move_to_end(free if free in _CACHE else key)
+        _CACHE.move_to_end(hit_key)
     return hit.values, {n: m.clone() for n, m in hit.mask.items()}, hit.packed

@@ -12,8 +12,7 @@ from torch.nn import functional as F  # noqa: N812
 from strategies.plugins import PluginError, Registry, check_options, option_kwargs
 from strategies.sparse.units import Consumer, UnitGroup
 from tasks.gnn import GridGNN
-from tasks.model_shapes import ModelError
-from tasks.model_shapes import image_shape as _image_shape
+from tasks.model_shapes import ModelError, image_shape
 from tasks.scattering import ScatterCNN, ScatterLinear
 
 # ------------------------------------------------------------------ CNN
@@ -101,7 +100,7 @@ class RowTransformer(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        c, h, w = _image_shape(input_shape, "transformer")
+        c, h, w = image_shape(input_shape, "transformer")
         # (F,) input: every feature is a token of width 1; (C, H, W): H tokens of width C*W.
         self.num_tokens, self.token_width = (w, 1) if len(input_shape) == 1 else (h, c * w)
         self.embed = nn.Linear(self.token_width, d_model)

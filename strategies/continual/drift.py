@@ -32,7 +32,17 @@ if TYPE_CHECKING:  # river (~0.2 s to import) is loaded only when a detector is 
     from river.drift.binary import DDM
 
 DETECTORS = ("adwin", "ddm", "both", "none")
+
+
 _STATE_VERSION = 1
+
+
+def _river() -> tuple[type[ADWIN], type[DDM]]:
+    """river's detector classes, imported on first use (~0.2 s) rather than with this module."""
+    from river.drift import ADWIN
+    from river.drift.binary import DDM
+
+    return ADWIN, DDM
 
 
 @dataclass(frozen=True)
@@ -96,9 +106,7 @@ class DriftMonitor:
         self._new_detectors()
 
     def _new_detectors(self) -> None:
-        from river.drift import ADWIN
-        from river.drift.binary import DDM
-
+        ADWIN, DDM = _river()  # noqa: N806 - river's class names
         c = self.config
         use_adwin = c.detector in ("adwin", "both")
         use_ddm = c.detector in ("ddm", "both")
@@ -199,9 +207,7 @@ class DriftMonitor:
         self.last_signal = None if last < 0 else last
         self.num_signals = int(state["num_signals"])
         self.num_suppressed = int(state["num_suppressed"])
-        from river.drift import ADWIN
-        from river.drift.binary import DDM
-
+        ADWIN, DDM = _river()  # noqa: N806 - river's class names
         self._adwin = _loads(state["adwin"], ADWIN, "adwin")
         self._ddm = _loads(state["ddm"], DDM, "ddm")
 
